@@ -1,0 +1,195 @@
+"""The MPS engine: ReX's two phases for a batch of images, all runs in lockstep.
+
+Per batch of images: one model call for the originals and their all-baseline versions, one call
+per tree level for the mutants of every active run of every image (phase 1), and a few calls
+that each test a block of consecutive ranking prefixes (phase 2). Calls are split only where a
+level holds more than ``max_batch_size`` mutants.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from guard.algorithm.extraction import PrefixSearch, rank_pixels
+from guard.algorithm.landscape import LandscapeRun, combine_runs
+from guard.runtime.spec import ModelSpec
+from guard.settings import EngineSettings
+
+
+class MutantEvaluator(Protocol):
+    """What the engine needs from a model runtime (``MaskedClassifier`` is the real one)."""
+
+    spec: ModelSpec
+
+    def check_images(self, images: np.ndarray) -> np.ndarray: ...
+
+    def evaluate(
+        self, images: np.ndarray, baselines: np.ndarray, masks: np.ndarray, image_index: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def model_calls(self, mutants: int) -> int: ...
+
+
+@dataclass(frozen=True)
+class MpsResult:
+    """A prediction and its minimal sufficient pixel set."""
+
+    predicted_class: int
+    confidence: float
+    mps_mask: np.ndarray  # bool [H, W]: the pixels that alone keep the predicted class
+    mps_area_fraction: float  # the paper's "area": MPS pixels / (H * W)
+    responsibility: np.ndarray  # float [H, W], maximum 1
+    baseline_class: int  # top-1 class of the all-baseline input
+    degenerate: bool  # empty MPS (the baseline alone keeps the class) or a single chunk
+    model_evaluations: int
+    model_calls: int
+    seconds: float  # wall time of the explain call that produced this result
+
+    @property
+    def mps_pixels(self) -> int:
+        return int(self.mps_mask.sum())
+
+
+class _Accounting:
+    """Model evaluations and calls per image of a batch."""
+
+    def __init__(self, evaluator: MutantEvaluator, images: int, max_batch_size: int) -> None:
+        self.evaluator = evaluator
+        self.max_batch_size = max_batch_size
+        self.evaluations = np.zeros(images, dtype=np.int64)
+        self.calls = np.zeros(images, dtype=np.int64)
+
+    def evaluate(
+        self, images: np.ndarray, baselines: np.ndarray, masks: np.ndarray, index: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        classes, confidences = [], []
+        for start in range(0, len(masks), self.max_batch_size):
+            part = slice(start, start + self.max_batch_size)
+            c, p = self.evaluator.evaluate(images, baselines, masks[part], index[part])
+            classes.append(c)
+            confidences.append(p)
+            counts = np.bincount(index[part], minlength=len(self.calls))
+            self.evaluations += counts
+            for image in np.flatnonzero(counts):
+                self.calls[image] += self.evaluator.model_calls(int(counts[image]))
+        return np.concatenate(classes), np.concatenate(confidences)
+
+
+class MpsEngine:
+    """Computes MPSs of a classifier's predictions with ReX's algorithm and defaults.
+
+    >>> engine = MpsEngine(MaskedClassifier("model.onnx"), EngineSettings(iters=20))
+    >>> result = engine.explain(image)  # one input in the model's layout, no batch axis
+    """
+
+    def __init__(self, evaluator: MutantEvaluator, settings: EngineSettings | None = None) -> None:
+        self.evaluator = evaluator
+        self.settings = settings or EngineSettings()
+
+    def explain(self, image: np.ndarray) -> MpsResult:
+        """The MPS of one input (model layout, without the batch axis)."""
+        return self.explain_batch(np.asarray(image)[None])[0]
+
+    def explain_batch(self, images: np.ndarray) -> list[MpsResult]:
+        """MPSs of a batch [M, *input_shape]; the images share every model call."""
+        started = time.perf_counter()
+        spec, s = self.evaluator.spec, self.settings
+        images = self.evaluator.check_images(images)
+        count = len(images)
+        if count == 0:
+            return []
+        baselines = np.stack([s.baseline.image(image, spec.channel_axis) for image in images])
+        books = _Accounting(self.evaluator, count, s.max_batch_size)
+        shape = (spec.height, spec.width)
+
+        # The originals and their all-baseline versions, in one call.
+        whole = np.concatenate([np.ones((count, *shape), bool), np.zeros((count, *shape), bool)])
+        index = np.tile(np.arange(count), 2)
+        classes, confidences = books.evaluate(images, baselines, whole, index)
+        target, target_confidence = classes[:count], confidences[:count]
+        threshold = target_confidence * s.confidence_filter
+        baseline_class = classes[count:]
+        baseline_passes = (baseline_class == target) & (confidences[count:] >= threshold)
+
+        def passing(classes: np.ndarray, confidences: np.ndarray, index: np.ndarray) -> np.ndarray:
+            return (classes == target[index]) & (confidences >= threshold[index])
+
+        responsibility = self._landscapes(images, baselines, books, passing)
+        searches = [
+            PrefixSearch(rank_pixels(r), *shape, chunk_size=s.chunk_size) for r in responsibility
+        ]
+        self._extract(images, baselines, books, passing, searches, baseline_passes)
+
+        seconds = time.perf_counter() - started
+        results = []
+        for m, search in enumerate(searches):
+            mask = np.zeros(shape, bool) if baseline_passes[m] else search.mps_mask()
+            results.append(
+                MpsResult(
+                    predicted_class=int(target[m]),
+                    confidence=float(target_confidence[m]),
+                    mps_mask=mask,
+                    mps_area_fraction=float(mask.sum()) / mask.size,
+                    responsibility=responsibility[m],
+                    baseline_class=int(baseline_class[m]),
+                    degenerate=bool(baseline_passes[m] or search.mps_chunks == 1),
+                    model_evaluations=int(books.evaluations[m]),
+                    model_calls=int(books.calls[m]),
+                    seconds=seconds,
+                )
+            )
+        return results
+
+    def _landscapes(self, images, baselines, books: _Accounting, passing) -> list[np.ndarray]:  # noqa: ANN001
+        """Phase 1: every run of every image advances one tree level per model call."""
+        s, spec = self.settings, self.evaluator.spec
+        runs = [
+            [
+                LandscapeRun(
+                    spec.height,
+                    spec.width,
+                    rng=np.random.default_rng([s.seed, i]),
+                    min_box_size=s.min_box_size,
+                    tree_depth=s.tree_depth,
+                    search_limit=s.search_limit,
+                    form=s.responsibility_form,
+                )
+                for i in range(s.iters)
+            ]
+            for _ in range(len(images))
+        ]
+        while True:
+            proposals = [
+                (m, run, run.propose()) for m, image_runs in enumerate(runs) for run in image_runs if not run.done
+            ]
+            proposals = [(m, run, masks) for m, run, masks in proposals if len(masks)]
+            if not proposals:
+                break
+            masks = np.concatenate([p[2] for p in proposals])
+            index = np.concatenate([np.full(len(p[2]), p[0]) for p in proposals])
+            verdicts = passing(*books.evaluate(images, baselines, masks, index), index)
+            offset = 0
+            for _, run, run_masks in proposals:
+                run.update(verdicts[offset : offset + len(run_masks)])
+                offset += len(run_masks)
+        return [combine_runs([run.responsibility for run in r], s.combination) for r in runs]
+
+    def _extract(self, images, baselines, books, passing, searches, skip) -> None:  # noqa: ANN001
+        """Phase 2: blocks of consecutive prefixes per call, doubling while none passes."""
+        block = self.settings.extraction_batch
+        active = [m for m in range(len(searches)) if not skip[m]]
+        while active:
+            proposals = [(m, searches[m].propose(block)) for m in active]
+            masks = np.concatenate([p[1] for p in proposals])
+            index = np.concatenate([np.full(len(p[1]), p[0]) for p in proposals])
+            verdicts = passing(*books.evaluate(images, baselines, masks, index), index)
+            offset = 0
+            for m, prefix_masks in proposals:
+                searches[m].update(verdicts[offset : offset + len(prefix_masks)])
+                offset += len(prefix_masks)
+            active = [m for m in active if not searches[m].done]
+            block = min(2 * block, self.settings.max_batch_size)

@@ -1,0 +1,27 @@
+"""One error hierarchy for the whole guard.
+
+Transports map these to their own vocabulary in one place each (CLI exit codes now, gRPC
+status codes later); anything that is not a ``GuardError`` is an internal fault.
+"""
+
+from __future__ import annotations
+
+
+class GuardError(Exception):
+    """Base of every error the guard raises on purpose; the message is meant for users."""
+
+
+class ModelLoadError(GuardError):
+    """The model file is missing, unreadable or not valid ONNX."""
+
+
+class UnsupportedModelError(GuardError):
+    """The model is valid ONNX but not a single-image-input classifier the guard can drive."""
+
+
+class InvalidInputError(GuardError):
+    """An input has the wrong shape, non-finite values, or cannot be decoded."""
+
+
+class ConfigError(GuardError):
+    """A setting or settings file is invalid."""

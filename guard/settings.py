@@ -1,0 +1,55 @@
+"""Settings of the engine and of model loading, as validated data (pydantic).
+
+Defaults are the reference tool's (rex-xai 0.4.1). The same objects are written into
+calibration artifacts, so a verdict is only ever scored against MPSs made the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from guard.algorithm.baselines import Baseline, BaselineSetting
+from guard.algorithm.landscape import Combination, ResponsibilityForm
+
+
+class EngineSettings(BaseModel):
+    """How MPSs are computed. Every field is settable; the defaults are ReX's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    iters: int = Field(default=20, ge=1, description="independent responsibility runs")
+    tree_depth: int = Field(default=10, ge=1, description="deepest box level that is split")
+    min_box_size: int = Field(default=10, ge=1, description="boxes smaller than this (px) stay whole")
+    chunk_size: int = Field(default=10, ge=1, description="pixels added per extraction step")
+    seed: int = Field(default=0, description="run i uses a stream seeded from (seed, i), for every image")
+    baseline: BaselineSetting = Field(default_factory=Baseline, description="occluded pixels' value")
+    combination: Combination = Field(default="multiplicative", description="how runs' maps combine")
+    responsibility_form: ResponsibilityForm = Field(
+        default="simple", description="1/k (ReX) or 1/(k+1) (witness) per kept child"
+    )
+    confidence_filter: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="a mutant passes only with confidence >= this x the original confidence",
+    )
+    search_limit: int | None = Field(
+        default=None, ge=1, description="stop a run after this many mutants (None: no limit)"
+    )
+    max_batch_size: int = Field(default=512, ge=1, description="most mutants in one model call")
+    extraction_batch: int = Field(
+        default=8, ge=1, description="prefixes tested in the first extraction call (doubles after)"
+    )
+
+
+class ModelOptions(BaseModel):
+    """How to read a model whose graph leaves something open; ``auto`` detects it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    layout: Literal["auto", "NCHW", "NHWC"] = "auto"
+    height: int | None = Field(default=None, ge=1, description="input height if the model leaves it dynamic")
+    width: int | None = Field(default=None, ge=1, description="input width if the model leaves it dynamic")
+    output: str | None = Field(default=None, description="output to read (default: the first)")
+    output_kind: Literal["auto", "logits", "probabilities"] = "auto"
+    provider: Literal["auto", "cpu", "cuda"] = "auto"
