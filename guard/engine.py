@@ -164,7 +164,10 @@ class MpsEngine:
         ]
         while True:
             proposals = [
-                (m, run, run.propose()) for m, image_runs in enumerate(runs) for run in image_runs if not run.done
+                (m, run, run.propose())
+                for m, image_runs in enumerate(runs)
+                for run in image_runs
+                if not run.done
             ]
             proposals = [(m, run, masks) for m, run, masks in proposals if len(masks)]
             if not proposals:

@@ -21,16 +21,24 @@ class EngineSettings(BaseModel):
 
     iters: int = Field(default=20, ge=1, description="independent responsibility runs")
     tree_depth: int = Field(default=10, ge=1, description="deepest box level that is split")
-    min_box_size: int = Field(default=10, ge=1, description="boxes smaller than this (px) stay whole")
+    min_box_size: int = Field(
+        default=10, ge=1, description="boxes smaller than this (px) stay whole"
+    )
     chunk_size: int = Field(default=10, ge=1, description="pixels added per extraction step")
-    seed: int = Field(default=0, description="run i uses a stream seeded from (seed, i), for every image")
-    baseline: BaselineSetting = Field(default_factory=Baseline, description="occluded pixels' value")
+    seed: int = Field(
+        default=0, description="run i uses a stream seeded from (seed, i), for every image"
+    )
+    baseline: BaselineSetting = Field(
+        default_factory=Baseline, description="occluded pixels' value"
+    )
     combination: Combination = Field(default="multiplicative", description="how runs' maps combine")
     responsibility_form: ResponsibilityForm = Field(
         default="simple", description="1/k (ReX) or 1/(k+1) (witness) per kept child"
     )
     confidence_filter: float = Field(
-        default=0.0, ge=0.0, le=1.0,
+        default=0.0,
+        ge=0.0,
+        le=1.0,
         description="a mutant passes only with confidence >= this x the original confidence",
     )
     search_limit: int | None = Field(
@@ -48,8 +56,12 @@ class ModelOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     layout: Literal["auto", "NCHW", "NHWC"] = "auto"
-    height: int | None = Field(default=None, ge=1, description="input height if the model leaves it dynamic")
-    width: int | None = Field(default=None, ge=1, description="input width if the model leaves it dynamic")
+    height: int | None = Field(
+        default=None, ge=1, description="input height if the model leaves it dynamic"
+    )
+    width: int | None = Field(
+        default=None, ge=1, description="input width if the model leaves it dynamic"
+    )
     output: str | None = Field(default=None, description="output to read (default: the first)")
     output_kind: Literal["auto", "logits", "probabilities"] = "auto"
     provider: Literal["auto", "cpu", "cuda"] = "auto"

@@ -123,7 +123,9 @@ class LandscapeRun:
         visible = COMBINATIONS.astype(np.int64) @ child_areas + split.static_area
         visible = np.where(verdicts, visible, np.iinfo(np.int64).max)
         chosen = int(np.argmin(visible))
-        return [child for child, kept in zip(split.children, COMBINATIONS[chosen]) if kept]
+        return [
+            child for child, kept in zip(split.children, COMBINATIONS[chosen], strict=True) if kept
+        ]
 
 
 def _mutant_masks(children: tuple[Box, Box, Box, Box], static: np.ndarray) -> np.ndarray:

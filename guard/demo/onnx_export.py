@@ -70,52 +70,70 @@ def conv_stack(convs: Sequence[Layer], input_name: str, prefix: str = "") -> Gra
     x = input_name
     for i, (w, b) in enumerate(convs):
         if w.ndim != 4 or w.shape[2:] != (3, 3) or b.shape != (w.shape[0],):
-            raise ValueError(f"conv {i}: expected W [out, in, 3, 3] and b [out], got "
-                             f"{w.shape} and {b.shape}")
+            raise ValueError(
+                f"conv {i}: expected W [out, in, 3, 3] and b [out], got {w.shape} and {b.shape}"
+            )
         p = f"{prefix}conv{i}"
         inits += [_f32(w, f"{p}.weight"), _f32(b, f"{p}.bias")]
         nodes += [
-            helper.make_node("Conv", [x, f"{p}.weight", f"{p}.bias"], [f"{p}.out"],
-                             name=p, kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+            helper.make_node(
+                "Conv",
+                [x, f"{p}.weight", f"{p}.bias"],
+                [f"{p}.out"],
+                name=p,
+                kernel_shape=[3, 3],
+                pads=[1, 1, 1, 1],
+            ),
             helper.make_node("Relu", [f"{p}.out"], [f"{p}.relu"], name=f"{p}.relu"),
-            helper.make_node("MaxPool", [f"{p}.relu"], [f"{p}.pool"], name=f"{p}.pool",
-                             kernel_shape=[2, 2], strides=[2, 2]),
+            helper.make_node(
+                "MaxPool",
+                [f"{p}.relu"],
+                [f"{p}.pool"],
+                name=f"{p}.pool",
+                kernel_shape=[2, 2],
+                strides=[2, 2],
+            ),
         ]
         x = f"{p}.pool"
     return GraphPart(nodes, inits, x)
 
 
-def dense_head(dense: Sequence[Layer], input_name: str, output_name: str = OUTPUT_NAME,
-               prefix: str = "") -> GraphPart:
+def dense_head(
+    dense: Sequence[Layer], input_name: str, output_name: str = OUTPUT_NAME, prefix: str = ""
+) -> GraphPart:
     """Gemm(transB=1) layers with Relu between them; the last Gemm writes ``output_name``."""
     nodes: list[onnx.NodeProto] = []
     inits: list[TensorProto] = []
     x = input_name
     for i, (w, b) in enumerate(dense):
         if w.ndim != 2 or b.shape != (w.shape[0],):
-            raise ValueError(f"dense {i}: expected W [out, in] and b [out], got "
-                             f"{w.shape} and {b.shape}")
+            raise ValueError(
+                f"dense {i}: expected W [out, in] and b [out], got {w.shape} and {b.shape}"
+            )
         p = f"{prefix}fc{i}"
         last = i == len(dense) - 1
         out = output_name if last else f"{p}.out"
         inits += [_f32(w, f"{p}.weight"), _f32(b, f"{p}.bias")]
-        nodes.append(helper.make_node("Gemm", [x, f"{p}.weight", f"{p}.bias"], [out],
-                                      name=p, transB=1))
+        nodes.append(
+            helper.make_node("Gemm", [x, f"{p}.weight", f"{p}.bias"], [out], name=p, transB=1)
+        )
         if not last:
             nodes.append(helper.make_node("Relu", [out], [f"{p}.relu"], name=f"{p}.relu"))
             x = f"{p}.relu"
     return GraphPart(nodes, inits, output_name)
 
 
-def cnn_body(weights: CnnWeights, input_name: str, output_name: str = OUTPUT_NAME,
-             prefix: str = "") -> GraphPart:
+def cnn_body(
+    weights: CnnWeights, input_name: str, output_name: str = OUTPUT_NAME, prefix: str = ""
+) -> GraphPart:
     """The whole CNN (conv stack, Flatten, dense head) from ``input_name`` to ``output_name``."""
     convs = conv_stack(weights.convs, input_name, prefix)
     flat = f"{prefix}flatten"
     head = dense_head(weights.dense, flat, output_name, prefix)
     flatten = helper.make_node("Flatten", [convs.output], [flat], name=flat, axis=1)
-    return GraphPart(convs.nodes + [flatten] + head.nodes,
-                     convs.initializers + head.initializers, output_name)
+    return GraphPart(
+        convs.nodes + [flatten] + head.nodes, convs.initializers + head.initializers, output_name
+    )
 
 
 def tensor_info(name: str, shape: Sequence[Dim]) -> onnx.ValueInfoProto:
@@ -123,14 +141,20 @@ def tensor_info(name: str, shape: Sequence[Dim]) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
 
 
-def make_model(nodes: Sequence[onnx.NodeProto], initializers: Sequence[TensorProto],
-               inputs: Sequence[onnx.ValueInfoProto], outputs: Sequence[onnx.ValueInfoProto],
-               graph_name: str = "cnn") -> onnx.ModelProto:
+def make_model(
+    nodes: Sequence[onnx.NodeProto],
+    initializers: Sequence[TensorProto],
+    inputs: Sequence[onnx.ValueInfoProto],
+    outputs: Sequence[onnx.ValueInfoProto],
+    graph_name: str = "cnn",
+) -> onnx.ModelProto:
     """Wrap a graph into a checked opset-17 model at IR version 8."""
-    graph = helper.make_graph(list(nodes), graph_name, list(inputs), list(outputs),
-                              initializer=list(initializers))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="mps-guard")
+    graph = helper.make_graph(
+        list(nodes), graph_name, list(inputs), list(outputs), initializer=list(initializers)
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="mps-guard"
+    )
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model)
     return model
@@ -140,7 +164,8 @@ def build_cnn(weights: CnnWeights, height: int, width: int) -> onnx.ModelProto:
     """The plain CNN as a model: ``image [N, C, H, W]`` -> ``logits [N, K]``."""
     body = cnn_body(weights, INPUT_NAME)
     return make_model(
-        body.nodes, body.initializers,
+        body.nodes,
+        body.initializers,
         [tensor_info(INPUT_NAME, [BATCH_DIM, weights.in_channels, height, width])],
         [tensor_info(OUTPUT_NAME, [BATCH_DIM, weights.num_classes])],
     )

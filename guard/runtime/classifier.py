@@ -72,7 +72,9 @@ class MaskedClassifier:
         index = np.arange(len(images), dtype=np.int64)
         masks = np.ones((len(images), self.spec.height, self.spec.width), dtype=np.uint8)
         if self.batch_mode == "single":
-            parts = [self._run(images, images, masks[i : i + 1], index[i : i + 1], True) for i in index]
+            parts = [
+                self._run(images, images, masks[i : i + 1], index[i : i + 1], True) for i in index
+            ]
             classes, confidences, scores = (np.concatenate(p) for p in zip(*parts, strict=True))
         else:
             classes, confidences, scores = self._run(images, images, masks, index, True)
@@ -157,13 +159,19 @@ class MaskedClassifier:
         try:
             session = self._new_session(g.compose_masked_model(edited, self.spec, "logits"))
             together = _raw_scores(session, probe, self.spec)
-            alone = np.concatenate([_raw_scores(session, probe[i : i + 1], self.spec) for i in range(2)])
-            exact = together.shape == alone.shape and np.allclose(together, alone, rtol=1e-4, atol=1e-5)
+            alone = np.concatenate(
+                [_raw_scores(session, probe[i : i + 1], self.spec) for i in range(2)]
+            )
+            exact = together.shape == alone.shape and np.allclose(
+                together, alone, rtol=1e-4, atol=1e-5
+            )
         except Exception:  # noqa: BLE001 - any failure means the edit does not hold
             exact = False
         if exact:
             self.batch_mode = "made_dynamic"
-            self.notes.append("the model fixes its batch dimension to 1; the graph was edited to batch mutants")
+            self.notes.append(
+                "the model fixes its batch dimension to 1; the graph was edited to batch mutants"
+            )
             return edited
         self.batch_mode = "single"
         self.notes.append(
@@ -184,9 +192,13 @@ class MaskedClassifier:
         if ends_in_softmax(model.graph, self.spec.output_name):
             return "probabilities", None
         session = self._compose_session(model, "logits")
-        scores = _raw_scores(session, self._probe_images(), self.spec, single=self.batch_mode == "single")
+        scores = _raw_scores(
+            session, self._probe_images(), self.spec, single=self.batch_mode == "single"
+        )
         rows = scores.reshape(len(scores), -1).astype(np.float64)
-        is_distribution = (rows >= 0).all() and (rows <= 1).all() and np.allclose(rows.sum(1), 1, atol=1e-3)
+        is_distribution = (
+            (rows >= 0).all() and (rows <= 1).all() and np.allclose(rows.sum(1), 1, atol=1e-3)
+        )
         return ("probabilities", None) if is_distribution else ("logits", session)
 
     def _run(
@@ -221,10 +233,10 @@ def _raw_scores(
 ) -> np.ndarray:
     """The model's own output on whole images, through a composed session."""
     if single:
-        return np.concatenate([_raw_scores(session, images[i : i + 1], spec) for i in range(len(images))])
+        return np.concatenate(
+            [_raw_scores(session, images[i : i + 1], spec) for i in range(len(images))]
+        )
     index = np.arange(len(images), dtype=np.int64)
     masks = np.ones((len(images), spec.height, spec.width), dtype=np.uint8)
     feeds = {g.IMAGES: images, g.BASELINES: images, g.MASKS: masks, g.IMAGE_INDEX: index}
     return session.run([spec.output_name], feeds)[0]
-
-

@@ -49,7 +49,11 @@ def compose_masked_model(
     graph = composed.graph
     elem_type = helper.np_dtype_to_tensor_dtype(spec.dtype)
     image_dims = ["images", *spec.input_shape]
-    mask_shape = [-1, 1, spec.height, spec.width] if spec.layout == "NCHW" else [-1, spec.height, spec.width, 1]
+    mask_shape = (
+        [-1, 1, spec.height, spec.width]
+        if spec.layout == "NCHW"
+        else [-1, spec.height, spec.width, 1]
+    )
 
     kept_inputs = [v for v in graph.input if v.name != spec.input_name]
     del graph.input[:]
@@ -57,7 +61,9 @@ def compose_masked_model(
         [
             helper.make_tensor_value_info(IMAGES, elem_type, image_dims),
             helper.make_tensor_value_info(BASELINES, elem_type, image_dims),
-            helper.make_tensor_value_info(MASKS, TensorProto.UINT8, ["mutants", spec.height, spec.width]),
+            helper.make_tensor_value_info(
+                MASKS, TensorProto.UINT8, ["mutants", spec.height, spec.width]
+            ),
             helper.make_tensor_value_info(IMAGE_INDEX, TensorProto.INT64, ["mutants"]),
             *kept_inputs,
         ]
@@ -73,9 +79,13 @@ def compose_masked_model(
         helper.make_node("Gather", [IMAGES, IMAGE_INDEX], ["mps_guard_g_images"], axis=0),
         helper.make_node("Gather", [BASELINES, IMAGE_INDEX], ["mps_guard_g_baselines"], axis=0),
         helper.make_node("Cast", [MASKS], ["mps_guard_mask_bool"], to=TensorProto.BOOL),
-        helper.make_node("Reshape", ["mps_guard_mask_bool", "mps_guard_mask_shape"], ["mps_guard_mask"]),
         helper.make_node(
-            "Where", ["mps_guard_mask", "mps_guard_g_images", "mps_guard_g_baselines"], [spec.input_name]
+            "Reshape", ["mps_guard_mask_bool", "mps_guard_mask_shape"], ["mps_guard_mask"]
+        ),
+        helper.make_node(
+            "Where",
+            ["mps_guard_mask", "mps_guard_g_images", "mps_guard_g_baselines"],
+            [spec.input_name],
         ),
     ]
     scores = "mps_guard_scores"
@@ -86,10 +96,15 @@ def compose_masked_model(
         after.append(helper.make_node("Identity", [scores], ["mps_guard_probabilities"]))
     after += [
         helper.make_node(
-            "TopK", ["mps_guard_probabilities", "mps_guard_k"], ["mps_guard_top_p", "mps_guard_top_i"], axis=1
+            "TopK",
+            ["mps_guard_probabilities", "mps_guard_k"],
+            ["mps_guard_top_p", "mps_guard_top_i"],
+            axis=1,
         ),
         helper.make_node("Reshape", ["mps_guard_top_i", "mps_guard_flat"], [TOP_CLASS]),
-        helper.make_node("Reshape", ["mps_guard_top_p", "mps_guard_flat"], ["mps_guard_top_p_flat"]),
+        helper.make_node(
+            "Reshape", ["mps_guard_top_p", "mps_guard_flat"], ["mps_guard_top_p_flat"]
+        ),
         helper.make_node("Cast", ["mps_guard_top_p_flat"], [TOP_CONFIDENCE], to=TensorProto.FLOAT),
     ]
     nodes = [*before, *graph.node, *after]

@@ -109,7 +109,10 @@ def inspect_model(model: onnx.ModelProto, options: ModelOptions) -> ModelSpec:
         raise UnsupportedModelError(
             f"input {image.name!r} leaves its height/width dynamic ({dims}); set height and width"
         )
-    for axis, wanted, setting in ((h_axis, options.height, "height"), (w_axis, options.width, "width")):
+    for axis, wanted, setting in (
+        (h_axis, options.height, "height"),
+        (w_axis, options.width, "width"),
+    ):
         if dims[axis] is not None and wanted is not None and dims[axis] != wanted:
             raise UnsupportedModelError(
                 f"the model fixes the input {setting} to {dims[axis]}, the settings ask for {wanted}"
@@ -123,7 +126,11 @@ def inspect_model(model: onnx.ModelProto, options: ModelOptions) -> ModelSpec:
     out_dims = _dims(output)
     trailing = [d for d in out_dims[2:]]
     num_classes = out_dims[1] if len(out_dims) >= 2 else None
-    if len(out_dims) < 2 or any(d != 1 for d in trailing) or (num_classes is not None and num_classes < 2):
+    if (
+        len(out_dims) < 2
+        or any(d != 1 for d in trailing)
+        or (num_classes is not None and num_classes < 2)
+    ):
         raise UnsupportedModelError(
             f"output {output.name!r} has shape {out_dims}; a classifier returns scores [N, K] with K >= 2"
         )
