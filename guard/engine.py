@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from guard.algorithm.extraction import PrefixSearch, rank_pixels
-from guard.algorithm.landscape import LandscapeRun, combine_runs
+from guard.algorithm.landscape import Landscapes, combine_runs, rects_to_masks
 from guard.runtime.spec import ModelSpec
 from guard.settings import EngineSettings
 
@@ -144,42 +144,29 @@ class MpsEngine:
             )
         return results
 
-    def _landscapes(self, images, baselines, books: _Accounting, passing) -> list[np.ndarray]:  # noqa: ANN001
+    def _landscapes(self, images, baselines, books: _Accounting, passing) -> np.ndarray:  # noqa: ANN001
         """Phase 1: every run of every image advances one tree level per model call."""
         s, spec = self.settings, self.evaluator.spec
-        runs = [
-            [
-                LandscapeRun(
-                    spec.height,
-                    spec.width,
-                    rng=np.random.default_rng([s.seed, i]),
-                    min_box_size=s.min_box_size,
-                    tree_depth=s.tree_depth,
-                    search_limit=s.search_limit,
-                    form=s.responsibility_form,
-                )
-                for i in range(s.iters)
-            ]
-            for _ in range(len(images))
-        ]
+        count = len(images)
+        landscapes = Landscapes(
+            spec.height,
+            spec.width,
+            run_ids=np.tile(np.arange(s.iters), count),  # run i of every image: same stream
+            seed=s.seed,
+            min_box_size=s.min_box_size,
+            tree_depth=s.tree_depth,
+            search_limit=s.search_limit,
+            form=s.responsibility_form,
+        )
         while True:
-            proposals = [
-                (m, run, run.propose())
-                for m, image_runs in enumerate(runs)
-                for run in image_runs
-                if not run.done
-            ]
-            proposals = [(m, run, masks) for m, run, masks in proposals if len(masks)]
-            if not proposals:
+            rects, runs = landscapes.propose()
+            if not len(rects):
                 break
-            masks = np.concatenate([p[2] for p in proposals])
-            index = np.concatenate([np.full(len(p[2]), p[0]) for p in proposals])
-            verdicts = passing(*books.evaluate(images, baselines, masks, index), index)
-            offset = 0
-            for _, run, run_masks in proposals:
-                run.update(verdicts[offset : offset + len(run_masks)])
-                offset += len(run_masks)
-        return [combine_runs([run.responsibility for run in r], s.combination) for r in runs]
+            masks = rects_to_masks(rects, spec.height, spec.width)
+            index = runs // s.iters
+            landscapes.update(passing(*books.evaluate(images, baselines, masks, index), index))
+        maps = landscapes.responsibility.reshape(count, s.iters, spec.height, spec.width)
+        return np.stack([combine_runs(image_maps, s.combination) for image_maps in maps])
 
     def _extract(self, images, baselines, books, passing, searches, skip) -> None:  # noqa: ANN001
         """Phase 2: blocks of consecutive prefixes per call, doubling while none passes."""

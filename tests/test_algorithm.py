@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
-from guard.algorithm.boxes import COMBINATIONS, Box, can_split, split_box
+from guard.algorithm.boxes import COMBINATIONS, KEPT_INDEX
 from guard.algorithm.extraction import PrefixSearch, rank_pixels
-from guard.algorithm.landscape import LandscapeRun, child_weights, combine_runs
+from guard.algorithm.landscape import (
+    Landscapes,
+    child_weights,
+    combine_runs,
+    paint_rects,
+    rects_to_masks,
+    split_draws,
+    split_rects,
+)
+
+Oracle = Callable[[np.ndarray], bool]
 
 
 def test_combinations_are_the_14_non_empty_proper_subsets_in_rex_order() -> None:
@@ -15,28 +27,44 @@ def test_combinations_are_the_14_non_empty_proper_subsets_in_rex_order() -> None
     assert len(rows) == 14
     assert all(0 < sum(row) < 4 for row in rows)
     assert COMBINATIONS.sum(axis=1).tolist() == [1] * 4 + [2] * 6 + [3] * 4
+    for row, index in zip(COMBINATIONS, KEPT_INDEX, strict=True):
+        assert [i for i in index if i < 4] == np.flatnonzero(row).tolist()
 
 
-@pytest.mark.parametrize("seed", range(20))
-def test_split_tiles_the_box_and_never_cuts_at_its_first_pixel(seed: int) -> None:
-    box = Box(3, 17, 5, 12, depth=2)
-    children = split_box(box, np.random.default_rng(seed))
-    canvas = np.zeros((20, 20), dtype=int)
-    for child in children:
-        canvas[child.row_start : child.row_stop, child.col_start : child.col_stop] += 1
-        assert child.depth == 3
-    inside = canvas[3:17, 5:12]
-    assert (inside == 1).all() and canvas.sum() == box.area
-    # The cut pixel is the first pixel of the bottom-right child; never the box's first pixel.
-    cut = (children[3].row_start, children[3].col_start)
-    assert cut != (box.row_start, box.col_start)
+def test_splits_tile_the_box_and_never_cut_at_its_first_pixel() -> None:
+    box = np.array([3, 17, 5, 12])
+    draws = split_draws(seed=0, run_ids=np.arange(200), level=0)[:, 0]
+    children = split_rects(np.broadcast_to(box, (200, 4)), draws)
+    cuts = set()
+    for four in children:
+        canvas = np.zeros((20, 20), dtype=int)
+        for r0, r1, c0, c1 in four:
+            canvas[r0:r1, c0:c1] += 1
+        assert (canvas[3:17, 5:12] == 1).all() and canvas.sum() == 14 * 7
+        cut = (four[3][0], four[3][2])  # the drawn pixel starts the bottom-right child
+        assert cut != (3, 5)
+        cuts.add(cut)
+    assert len(cuts) > 60  # the draw covers the box, not a few pixels
 
 
-def test_boxes_below_size_or_beyond_depth_are_not_split() -> None:
-    assert not can_split(Box(0, 3, 0, 3), min_box_size=10, tree_depth=10)
-    assert can_split(Box(0, 4, 0, 3), min_box_size=10, tree_depth=10)
-    assert not can_split(Box(0, 32, 0, 32, depth=11), min_box_size=10, tree_depth=10)
-    assert not can_split(Box(0, 1, 0, 1), min_box_size=1, tree_depth=10)
+def test_draws_depend_on_seed_run_and_level_only() -> None:
+    a = split_draws(0, np.array([0, 1, 2]), level=3)
+    assert np.array_equal(a, split_draws(0, np.array([0, 1, 2]), level=3))
+    assert np.array_equal(a[1], split_draws(0, np.array([1]), level=3)[0])
+    assert not np.array_equal(a, split_draws(1, np.array([0, 1, 2]), level=3))
+    assert not np.array_equal(a, split_draws(0, np.array([0, 1, 2]), level=4))
+    assert len(set(a.ravel().tolist())) == a.size
+
+
+def test_rects_paint_as_their_union_and_weights_add() -> None:
+    rects = np.array([[[0, 2, 0, 3], [2, 4, 1, 2], [0, 0, 0, 0]]])
+    mask = rects_to_masks(rects, 4, 4)[0]
+    expected = np.zeros((4, 4), bool)
+    expected[0:2, 0:3] = True
+    expected[2:4, 1:2] = True
+    assert np.array_equal(mask, expected)
+    painted = paint_rects(rects, np.array([[0.5, 2.0, 9.0]]), 4, 4)[0]
+    assert painted[0, 0] == 0.5 and painted[3, 1] == 2.0 and painted[3, 3] == 0.0
 
 
 def test_witness_form_gives_one_over_k_plus_one() -> None:
@@ -45,65 +73,108 @@ def test_witness_form_gives_one_over_k_plus_one() -> None:
     assert simple[10].tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 0])
 
 
-def _drive(run: LandscapeRun, passes) -> int:  # noqa: ANN001
-    levels = 0
-    while not run.done:
-        masks = run.propose()
-        if len(masks) == 0:
-            break
-        run.update(np.array([passes(m) for m in masks]))
+def _drive(landscapes: Landscapes, passes: Oracle) -> tuple[int, list[np.ndarray]]:
+    levels, seen = 0, []
+    while True:
+        rects, owners = landscapes.propose()
+        if not len(rects):
+            return levels, seen
+        masks = rects_to_masks(rects, landscapes.height, landscapes.width)
+        seen.append(masks)
+        landscapes.update(np.array([passes(m) for m in masks]))
         levels += 1
-    return levels
 
 
 def test_responsibility_concentrates_on_the_pixels_the_oracle_needs() -> None:
     key = (20, 7)  # the "class" survives exactly when this pixel is kept
+    landscapes = Landscapes(32, 32, run_ids=np.arange(10))
+    levels, _ = _drive(landscapes, lambda mask: bool(mask[key]))
+    assert 2 <= levels <= 11
+    for run_map in landscapes.responsibility:
+        assert run_map[key] == run_map.max() > 0
+    combined = combine_runs(landscapes.responsibility, "multiplicative")
+    assert combined[key] == combined.max() == 1.0
 
-    def passes(mask: np.ndarray) -> bool:
-        return bool(mask[key])
 
-    maps = []
-    for i in range(10):
-        run = LandscapeRun(32, 32, rng=np.random.default_rng([0, i]))
-        levels = _drive(run, passes)
-        assert 1 <= levels <= 11
-        assert run.responsibility[key] == run.responsibility.max() > 0
-        maps.append(run.responsibility)
-    combined = combine_runs(maps, "multiplicative")
-    assert combined[key] == 1.0
-    assert combined.max() == 1.0
+def test_first_level_mutants_are_the_14_combinations_of_the_root_children() -> None:
+    landscapes = Landscapes(16, 16, run_ids=np.array([0]))
+    rects, owners = landscapes.propose()
+    assert rects.shape == (14, 5, 4) and (owners == 0).all()
+    children = split_rects(np.array([[0, 16, 0, 16]]), split_draws(0, np.array([0]), 0)[:, 0])[0]
+    masks = rects_to_masks(rects, 16, 16)
+    for mask, keep in zip(masks, COMBINATIONS, strict=True):
+        expected = np.zeros((16, 16), bool)
+        for (r0, r1, c0, c1), kept in zip(children, keep, strict=True):
+            if kept:
+                expected[r0:r1, c0:c1] = True
+        assert np.array_equal(mask, expected)
+
+
+def test_the_jobs_other_boxes_stay_whole_and_the_smallest_passing_mutant_leads() -> None:
+    landscapes = Landscapes(32, 32, run_ids=np.array([4]), min_box_size=4)
+    rects, _ = landscapes.propose()
+    masks = rects_to_masks(rects, 32, 32)
+    passing = np.zeros(14, bool)
+    passing[[4, 10]] = True  # children {0, 1} and {0, 1, 2} pass; {0, 1} is smaller
+    landscapes.update(passing)
+    assert landscapes.job_size[0] == 2
+    job_union = masks[4]
+    assert np.array_equal(rects_to_masks(landscapes.job[:, :2], 32, 32)[0], job_union)
+    second = rects_to_masks(landscapes.propose()[0], 32, 32)
+    first_box = rects_to_masks(landscapes.job[:, :1], 32, 32)[0]
+    other_box = job_union & ~first_box
+    for mask in second[:14]:  # splitting box 0 keeps box 1 whole, and stays inside the job
+        assert (mask & other_box).sum() == other_box.sum() and not (mask & ~job_union).any()
 
 
 def test_a_run_with_no_passing_mutant_stops_after_one_level() -> None:
-    run = LandscapeRun(16, 16, rng=np.random.default_rng(1))
-    assert _drive(run, lambda mask: False) == 1
-    assert run.evaluations == 14 and not run.responsibility.any()
+    landscapes = Landscapes(16, 16, run_ids=np.arange(3))
+    levels, _ = _drive(landscapes, lambda mask: False)
+    assert levels == 1
+    assert landscapes.evaluations.tolist() == [14, 14, 14] and not landscapes.responsibility.any()
 
 
-def test_runs_are_deterministic_for_a_seed() -> None:
+def test_runs_stop_at_the_depth_limit_and_the_search_limit() -> None:
+    deep = Landscapes(64, 64, run_ids=np.arange(2), min_box_size=1, tree_depth=3)
+    levels, _ = _drive(deep, lambda mask: True)
+    assert levels == 4  # levels 0..3 are split, then children at depth 4 exceed the limit
+    limited = Landscapes(64, 64, run_ids=np.arange(2), search_limit=20)
+    _drive(limited, lambda mask: True)
+    assert (limited.evaluations <= 20 + 3 * 14).all() and limited.done.all()
+
+
+def test_runs_are_deterministic_for_a_seed_and_differ_across_seeds() -> None:
     def passes(mask: np.ndarray) -> bool:
         return mask[5:9, 5:9].sum() >= 8
 
-    first, second, other = (LandscapeRun(24, 24, rng=np.random.default_rng(s)) for s in (3, 3, 4))
-    for run in (first, second, other):
-        _drive(run, passes)
+    first, second = (
+        Landscapes(24, 24, np.arange(3), seed=3),
+        Landscapes(24, 24, np.arange(3), seed=3),
+    )
+    other = Landscapes(24, 24, np.arange(3), seed=4)
+    for landscapes in (first, second, other):
+        _drive(landscapes, passes)
     assert np.array_equal(first.responsibility, second.responsibility)
-    assert first.evaluations == second.evaluations
     assert not np.array_equal(first.responsibility, other.responsibility)
 
 
-def test_search_limit_stops_a_run() -> None:
-    run = LandscapeRun(64, 64, rng=np.random.default_rng(0), search_limit=20)
-    _drive(run, lambda mask: True)
-    assert run.done and run.evaluations <= 20 + 3 * 14
+def test_the_same_run_id_gives_the_same_run_wherever_it_sits() -> None:
+    def passes(mask: np.ndarray) -> bool:
+        return bool(mask[10, 10])
+
+    alone = Landscapes(24, 24, np.array([7]))
+    among = Landscapes(24, 24, np.array([1, 7, 3]))
+    _drive(alone, passes)
+    _drive(among, passes)
+    assert np.array_equal(alone.responsibility[0], among.responsibility[1])
 
 
 def test_multiplicative_combination_is_the_normalised_product_of_one_plus_r() -> None:
     rng = np.random.default_rng(0)
-    maps = [rng.random((4, 5)) for _ in range(3)]
-    product = np.prod([1 + m for m in maps], axis=0)
+    maps = rng.random((3, 4, 5))
+    product = np.prod(1 + maps, axis=0)
     assert np.allclose(combine_runs(maps, "multiplicative"), product / product.max())
-    total = np.sum(maps, axis=0)
+    total = maps.sum(axis=0)
     assert np.allclose(combine_runs(maps, "additive"), total / total.max())
 
 
@@ -116,13 +187,11 @@ def test_ranking_breaks_ties_by_higher_flat_index_first() -> None:
 def test_first_passing_prefix_does_not_depend_on_the_block_size(block: int) -> None:
     # Sufficiency is not monotone along the ranking: prefixes 4 and 9 pass, 5-8 do not.
     ranking = np.arange(100)[::-1].copy()
-    passing_prefixes = {4, 9}
     search = PrefixSearch(ranking, 10, 10, chunk_size=10)
     calls = 0
     while not search.done:
         masks = search.propose(block)
-        chunks = [int(m.sum()) // 10 for m in masks]
-        search.update(np.array([c in passing_prefixes for c in chunks]))
+        search.update(np.array([int(m.sum()) // 10 in (4, 9) for m in masks]))
         calls += 1
     assert search.mps_chunks == 4
     mask = search.mps_mask()

@@ -88,7 +88,7 @@ class MaskedClassifier:
         ``images`` and ``baselines`` are [M, *input_shape] in the model's layout (already
         checked); ``masks`` is [N, H, W] (True keeps the pixel); ``image_index`` [N] picks j.
         """
-        masks = masks.astype(np.uint8, copy=False)
+        masks = masks.view(np.uint8) if masks.dtype == bool else masks.astype(np.uint8)
         image_index = image_index.astype(np.int64, copy=False)
         if self.batch_mode != "single":
             classes, confidences = self._run(images, baselines, masks, image_index, False)
