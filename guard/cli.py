@@ -13,6 +13,7 @@ import numpy as np
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -176,7 +177,7 @@ def _run_explain(
         _print_table(outcomes, class_names, classifier.notes + [f"provider: {classifier.provider}"])
     failures = [o for o in outcomes if o.error is not None]
     for outcome in failures:
-        err_console.print(f"[red]error:[/red] {outcome.error}", highlight=False)
+        _print_error(str(outcome.error))
     if out is not None and not as_json:
         out_console.print(f"pictures written to {out}")
     return EXIT_INPUT_ERRORS if failures else 0
@@ -204,8 +205,13 @@ def _write_outputs(
         save_picture(out / f"{stem}.png", pixels, result, name)
 
 
+def _print_error(message: str) -> None:
+    # soft_wrap: one error, one line, whatever the terminal width (and greppable in logs)
+    err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def _fatal(message: str) -> typer.Exit:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    _print_error(message)
     return typer.Exit(EXIT_FATAL)
 
 

@@ -1,0 +1,3 @@
+from guard.cli import app
+
+app(prog_name="guard")
