@@ -1,0 +1,33 @@
+# Set-up is part of every target: a fresh clone needs only Python 3.11+ and these commands.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench models clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)  ## explain the bundled demo images, pictures in out/demo
+	$(BIN)/guard demo --out out/demo
+
+test: $(STAMP)  ## the test suite
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check guard calibration tests benchmarks scripts
+	$(BIN)/ruff format --check guard calibration tests benchmarks scripts
+
+bench: $(STAMP)  ## engine vs model-only floor vs rex-xai (installs rex-xai in its own venv)
+	$(BIN)/python benchmarks/bench_engine.py --json benchmarks/results/latest.json
+
+models: $(STAMP)  ## re-train the demo and benchmark models (needs the train extra: torch)
+	$(BIN)/pip install --quiet -e '.[dev,train]'
+	$(BIN)/python scripts/train_models.py
+
+clean:
+	rm -rf $(VENV) out benchmarks/results
