@@ -237,9 +237,13 @@ def run_reference(
 
 
 def _main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Run the reference tool rex-xai on preprocessed inputs.")
+    ap = argparse.ArgumentParser(
+        description="Run the reference tool rex-xai on preprocessed inputs."
+    )
     ap.add_argument("--model", type=Path, required=True, help="ONNX classifier (NCHW, 3 channels)")
-    ap.add_argument("--npz", type=Path, required=True, help=".npz with key x [N,3,H,W] (and optional y)")
+    ap.add_argument(
+        "--npz", type=Path, required=True, help=".npz with key x [N,3,H,W] (and optional y)"
+    )
     ap.add_argument("--limit", type=int, default=None, help="only the first LIMIT inputs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--iters", type=int, default=20)
@@ -282,7 +286,9 @@ def _main(argv: list[str] | None = None) -> int:
         if tmp is not None:
             tmp.cleanup()
 
-    print(f"{'i':>3} {'label':>5} {'pred':>5} {'conf':>6} {'area':>7} {'secs':>7} {'calls':>6} {'evals':>6}")
+    print(
+        f"{'i':>3} {'label':>5} {'pred':>5} {'conf':>6} {'area':>7} {'secs':>7} {'calls':>6} {'evals':>6}"
+    )
     for i, r in enumerate(rows):
         label = "-" if y is None else str(int(y[i]))
         print(

@@ -27,7 +27,6 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import numpy as np  # noqa: E402
 import torch as tt  # noqa: E402
-
 from rex_xai.explanation.explanation import Explanation  # noqa: E402
 from rex_xai.explanation.rex import (  # noqa: E402
     calculate_responsibility,
@@ -106,6 +105,11 @@ def main() -> int:
         for idx, x in enumerate(xs):
             # Data as try_preprocess() would build it for an RGB image, but with our tensor.
             data = Data(x, model_shape, device, mode="RGB")
+            if data.model_channels != 3 or (data.model_height, data.model_width) != x.shape[1:]:
+                raise SystemExit(
+                    f"rex needs a 3-channel model with static H, W matching the inputs; model "
+                    f"input {list(model_shape)}, input {list(x.shape)}"
+                )
             if data.model_order == "first":
                 arr = x  # [3, H, W]
                 data.transposed = True
@@ -154,7 +158,9 @@ def main() -> int:
                 "extraction_evaluations": c3[1] - c2[1],
                 "target_prediction_calls": c1[0] - c0[0],
                 "sufficiency_confidence": (
-                    None if exp.sufficiency_confidence is None else float(exp.sufficiency_confidence)
+                    None
+                    if exp.sufficiency_confidence is None
+                    else float(exp.sufficiency_confidence)
                 ),
                 "run_stats": {k: float(v) for k, v in run_stats.items()},
             }

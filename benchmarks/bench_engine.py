@@ -1,0 +1,234 @@
+"""Engine speed against the model-only floor and against the reference tool, side by side.
+
+    python benchmarks/bench_engine.py                       # all models, rex-xai included
+    python benchmarks/bench_engine.py --no-rex --limit 20   # quick look
+    python benchmarks/bench_engine.py --provider cuda --no-rex
+
+Per model and held-out image: the engine's MPS (wall seconds, model evaluations and calls);
+the *floor*, i.e. the plain model (no masking graph, same provider) evaluating the same number
+of inputs at the same batch sizes; and, for 3-channel models, rex-xai 0.4.1 with the same
+settings in its own virtual environment (seconds per MPS, agreement of MPS areas). Finally the
+cost/agreement curve for fewer iterations. Everything runs interleaved in one process so the
+ratios are robust to a noisy machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from scipy.stats import spearmanr
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import rex_reference  # noqa: E402
+from guard.engine import MpsEngine  # noqa: E402
+from guard.runtime import MaskedClassifier  # noqa: E402
+from guard.settings import EngineSettings, ModelOptions  # noqa: E402
+
+MODELS = {
+    "digits (1x32x32, demo)": ("guard/demo/digits_cnn.onnx", "guard/demo/heldout.npz"),
+    "digits RGB (3x32x32)": (
+        "benchmarks/models/digits_rgb_cnn.onnx",
+        "benchmarks/models/digits_rgb_heldout.npz",
+    ),
+    "textures (3x64x64)": (
+        "benchmarks/models/textures_cnn.onnx",
+        "benchmarks/models/textures_heldout.npz",
+    ),
+}
+
+
+class RecordingEvaluator:
+    """Passes calls through to the classifier and records each call's batch size."""
+
+    def __init__(self, classifier: MaskedClassifier) -> None:
+        self.classifier = classifier
+        self.spec = classifier.spec
+        self.batch_sizes: list[int] = []
+
+    def check_images(self, images: np.ndarray) -> np.ndarray:
+        return self.classifier.check_images(images)
+
+    def evaluate(self, images, baselines, masks, image_index):  # noqa: ANN001, ANN201
+        self.batch_sizes.append(len(masks))
+        return self.classifier.evaluate(images, baselines, masks, image_index)
+
+    def model_calls(self, mutants: int) -> int:
+        return self.classifier.model_calls(mutants)
+
+
+class Floor:
+    """The plain model file on the same provider, fed ready-made batches."""
+
+    def __init__(self, path: Path, providers: list[str], image: np.ndarray) -> None:
+        self.session = ort.InferenceSession(str(path), providers=providers)
+        self.input = self.session.get_inputs()[0].name
+        self.image = image
+        self._batches: dict[int, np.ndarray] = {}
+
+    def seconds(self, batch_sizes: list[int]) -> float:
+        total = 0.0
+        for size in batch_sizes:
+            batch = self._batches.setdefault(size, np.repeat(self.image[None], size, axis=0))
+            started = time.perf_counter()
+            self.session.run(None, {self.input: batch})
+            total += time.perf_counter() - started
+        return total
+
+
+@dataclass
+class EngineRun:
+    areas: np.ndarray
+    seconds: np.ndarray
+    floor_seconds: np.ndarray
+    evaluations: np.ndarray
+    calls: np.ndarray
+
+
+def run_engine(classifier: MaskedClassifier, x: np.ndarray, settings: EngineSettings, floor: Floor | None) -> EngineRun:
+    recorder = RecordingEvaluator(classifier)
+    engine = MpsEngine(recorder, settings)
+    rows = []
+    for image in x:
+        recorder.batch_sizes = []
+        started = time.perf_counter()
+        result = engine.explain(image)
+        seconds = time.perf_counter() - started
+        floor_seconds = floor.seconds(recorder.batch_sizes) if floor else float("nan")
+        rows.append((result.mps_area_fraction, seconds, floor_seconds, result.model_evaluations, result.model_calls))
+    columns = [np.array(c) for c in zip(*rows, strict=True)]
+    return EngineRun(*columns)
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+def p90(values: np.ndarray) -> float:
+    return float(np.percentile(values, 90))
+
+
+def bench_model(name: str, model: Path, data: Path, args: argparse.Namespace) -> dict:
+    x = np.load(data, allow_pickle=False)["x"][: args.limit].astype(np.float32)
+    classifier = MaskedClassifier(model, ModelOptions(provider=args.provider))
+    providers = [classifier.provider] + (["CPUExecutionProvider"] if classifier.provider != "CPUExecutionProvider" else [])
+    floor = Floor(model, providers, x[0])
+    settings = EngineSettings(seed=0)
+    print(f"\n## {name}: {len(x)} images, provider {classifier.provider}", file=sys.stderr)
+    MpsEngine(classifier, settings).explain(x[0])  # warm-up (session allocations)
+    main = run_engine(classifier, x, settings, floor)
+    row = {
+        "model": name,
+        "images": len(x),
+        "provider": classifier.provider,
+        "evaluations_median": float(np.median(main.evaluations)),
+        "calls_median": float(np.median(main.calls)),
+        "engine_s_median": float(np.median(main.seconds)),
+        "engine_s_p90": p90(main.seconds),
+        "floor_s_median": float(np.median(main.floor_seconds)),
+        "floor_s_p90": p90(main.floor_seconds),
+        "engine_over_floor": float(np.median(main.seconds / main.floor_seconds)),
+        "area_median": float(np.median(main.areas)),
+    }
+    other_seed = run_engine(classifier, x, settings.model_copy(update={"seed": 1}), None)
+    row["engine_vs_engine_seed1_spearman"] = spearman(main.areas, other_seed.areas)
+
+    curve = []
+    for iters in args.iters_curve:
+        run = main if iters == 20 else run_engine(classifier, x, settings.model_copy(update={"iters": iters}), None)
+        curve.append(
+            {
+                "iters": iters,
+                "engine_s_median": float(np.median(run.seconds)),
+                "evaluations_median": float(np.median(run.evaluations)),
+                "spearman_vs_20": spearman(main.areas, run.areas),
+                "area_median": float(np.median(run.areas)),
+            }
+        )
+    row["iters_curve"] = curve
+
+    if args.rex and classifier.spec.channels == 3 and classifier.spec.layout == "NCHW":
+        with tempfile.TemporaryDirectory() as tmp:
+            rex = [
+                rex_reference.run_reference(model, x, seed=seed, workdir=Path(tmp) / f"seed{seed}")
+                for seed in (0, 1000)  # rex seeds run i with seed + i: nearby seeds share runs
+            ]
+        rex_areas = [np.array([r["mps_area_fraction"] for r in runs]) for runs in rex]
+        rex_seconds = np.array([r["seconds"] for r in rex[0]])
+        row.update(
+            {
+                "rex_s_median": float(np.median(rex_seconds)),
+                "rex_s_p90": p90(rex_seconds),
+                "rex_over_engine": float(np.median(rex_seconds) / np.median(main.seconds)),
+                "rex_evaluations_median": float(np.median([r.get("model_evaluations", np.nan) for r in rex[0]])),
+                "rex_area_median": float(np.median(rex_areas[0])),
+                "engine_vs_rex_spearman": spearman(main.areas, rex_areas[0]),
+                "rex_vs_rex_seed1_spearman": spearman(rex_areas[0], rex_areas[1]),
+            }
+        )
+    return row
+
+
+def print_tables(rows: list[dict]) -> None:
+    print("\n| model | images | evals/MPS | calls/MPS | engine s/MPS (median, p90) | floor s/MPS (median, p90) | engine / floor |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['images']} | {r['evaluations_median']:.0f} | {r['calls_median']:.0f} | "
+            f"{r['engine_s_median']:.4f}, {r['engine_s_p90']:.4f} | {r['floor_s_median']:.4f}, {r['floor_s_p90']:.4f} | "
+            f"{r['engine_over_floor']:.2f}x |"
+        )
+    rex_rows = [r for r in rows if "rex_s_median" in r]
+    if rex_rows:
+        print("\n| model | rex-xai s/MPS (median, p90) | rex-xai / engine | rex evals/MPS | MPS area median engine / rex | Spearman engine-rex | Spearman rex-rex (seed 0 vs 1000) | Spearman engine-engine (seed 0 vs 1) |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rex_rows:
+            print(
+                f"| {r['model']} | {r['rex_s_median']:.3f}, {r['rex_s_p90']:.3f} | {r['rex_over_engine']:.1f}x | "
+                f"{r['rex_evaluations_median']:.0f} | {r['area_median']:.4f} / {r['rex_area_median']:.4f} | "
+                f"{r['engine_vs_rex_spearman']:.3f} | {r['rex_vs_rex_seed1_spearman']:.3f} | {r['engine_vs_engine_seed1_spearman']:.3f} |"
+            )
+    print("\n| model | iters | engine s/MPS | evals/MPS | Spearman vs 20 iters | MPS area median |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        for c in r["iters_curve"]:
+            print(
+                f"| {r['model']} | {c['iters']} | {c['engine_s_median']:.4f} | {c['evaluations_median']:.0f} | "
+                f"{c['spearman_vs_20']:.3f} | {c['area_median']:.4f} |"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--limit", type=int, default=100, help="held-out images per model")
+    parser.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--no-rex", dest="rex", action="store_false", help="skip the reference tool")
+    parser.add_argument("--models", nargs="*", default=list(MODELS), help="subset of: " + ", ".join(MODELS))
+    parser.add_argument("--iters-curve", type=int, nargs="*", default=[20, 10, 5])
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    if args.rex:
+        rex_reference.ensure_rex_venv()
+    rows = []
+    for name in args.models:
+        model, data = MODELS[name]
+        rows.append(bench_model(name, ROOT / model, ROOT / data, args))
+    print_tables(rows)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
