@@ -94,7 +94,9 @@ class EngineRun:
     calls: np.ndarray
 
 
-def run_engine(classifier: MaskedClassifier, x: np.ndarray, settings: EngineSettings, floor: Floor | None) -> EngineRun:
+def run_engine(
+    classifier: MaskedClassifier, x: np.ndarray, settings: EngineSettings, floor: Floor | None
+) -> EngineRun:
     recorder = RecordingEvaluator(classifier)
     engine = MpsEngine(recorder, settings)
     rows = []
@@ -104,7 +106,15 @@ def run_engine(classifier: MaskedClassifier, x: np.ndarray, settings: EngineSett
         result = engine.explain(image)
         seconds = time.perf_counter() - started
         floor_seconds = floor.seconds(recorder.batch_sizes) if floor else float("nan")
-        rows.append((result.mps_area_fraction, seconds, floor_seconds, result.model_evaluations, result.model_calls))
+        rows.append(
+            (
+                result.mps_area_fraction,
+                seconds,
+                floor_seconds,
+                result.model_evaluations,
+                result.model_calls,
+            )
+        )
     columns = [np.array(c) for c in zip(*rows, strict=True)]
     return EngineRun(*columns)
 
@@ -122,7 +132,9 @@ def p90(values: np.ndarray) -> float:
 def bench_model(name: str, model: Path, data: Path, args: argparse.Namespace) -> dict:
     x = np.load(data, allow_pickle=False)["x"][: args.limit].astype(np.float32)
     classifier = MaskedClassifier(model, ModelOptions(provider=args.provider))
-    providers = [classifier.provider] + (["CPUExecutionProvider"] if classifier.provider != "CPUExecutionProvider" else [])
+    providers = [classifier.provider] + (
+        ["CPUExecutionProvider"] if classifier.provider != "CPUExecutionProvider" else []
+    )
     floor = Floor(model, providers, x[0])
     settings = EngineSettings(seed=0)
     print(f"\n## {name}: {len(x)} images, provider {classifier.provider}", file=sys.stderr)
@@ -146,7 +158,11 @@ def bench_model(name: str, model: Path, data: Path, args: argparse.Namespace) ->
 
     curve = []
     for iters in args.iters_curve:
-        run = main if iters == 20 else run_engine(classifier, x, settings.model_copy(update={"iters": iters}), None)
+        run = (
+            main
+            if iters == 20
+            else run_engine(classifier, x, settings.model_copy(update={"iters": iters}), None)
+        )
         curve.append(
             {
                 "iters": iters,
@@ -171,7 +187,9 @@ def bench_model(name: str, model: Path, data: Path, args: argparse.Namespace) ->
                 "rex_s_median": float(np.median(rex_seconds)),
                 "rex_s_p90": p90(rex_seconds),
                 "rex_over_engine": float(np.median(rex_seconds) / np.median(main.seconds)),
-                "rex_evaluations_median": float(np.median([r.get("model_evaluations", np.nan) for r in rex[0]])),
+                "rex_evaluations_median": float(
+                    np.median([r.get("model_evaluations", np.nan) for r in rex[0]])
+                ),
                 "rex_area_median": float(np.median(rex_areas[0])),
                 "engine_vs_rex_spearman": spearman(main.areas, rex_areas[0]),
                 "rex_vs_rex_seed1_spearman": spearman(rex_areas[0], rex_areas[1]),
@@ -181,7 +199,9 @@ def bench_model(name: str, model: Path, data: Path, args: argparse.Namespace) ->
 
 
 def print_tables(rows: list[dict]) -> None:
-    print("\n| model | images | evals/MPS | calls/MPS | engine s/MPS (median, p90) | floor s/MPS (median, p90) | engine / floor |")
+    print(
+        "\n| model | images | evals/MPS | calls/MPS | engine s/MPS (median, p90) | floor s/MPS (median, p90) | engine / floor |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
@@ -191,7 +211,9 @@ def print_tables(rows: list[dict]) -> None:
         )
     rex_rows = [r for r in rows if "rex_s_median" in r]
     if rex_rows:
-        print("\n| model | rex-xai s/MPS (median, p90) | rex-xai / engine | rex evals/MPS | MPS area median engine / rex | Spearman engine-rex | Spearman rex-rex (seed 0 vs 1000) | Spearman engine-engine (seed 0 vs 1) |")
+        print(
+            "\n| model | rex-xai s/MPS (median, p90) | rex-xai / engine | rex evals/MPS | MPS area median engine / rex | Spearman engine-rex | Spearman rex-rex (seed 0 vs 1000) | Spearman engine-engine (seed 0 vs 1) |"
+        )
         print("|---|---|---|---|---|---|---|---|")
         for r in rex_rows:
             print(
@@ -210,11 +232,17 @@ def print_tables(rows: list[dict]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--limit", type=int, default=100, help="held-out images per model")
     parser.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--no-rex", dest="rex", action="store_false", help="skip the reference tool")
-    parser.add_argument("--models", nargs="*", default=list(MODELS), help="subset of: " + ", ".join(MODELS))
+    parser.add_argument(
+        "--no-rex", dest="rex", action="store_false", help="skip the reference tool"
+    )
+    parser.add_argument(
+        "--models", nargs="*", default=list(MODELS), help="subset of: " + ", ".join(MODELS)
+    )
     parser.add_argument("--iters-curve", type=int, nargs="*", default=[20, 10, 5])
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
