@@ -9,6 +9,7 @@ level holds more than ``max_batch_size`` mutants.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,6 +19,9 @@ from guard.algorithm.extraction import PrefixSearch, rank_pixels
 from guard.algorithm.landscape import Landscapes, combine_runs, rects_to_masks
 from guard.runtime.spec import ModelSpec
 from guard.settings import EngineSettings
+
+# (classes, confidences, image index) of evaluated mutants -> which keep the original class
+Verdict = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
 class MutantEvaluator(Protocol):
@@ -144,7 +148,9 @@ class MpsEngine:
             )
         return results
 
-    def _landscapes(self, images, baselines, books: _Accounting, passing) -> np.ndarray:  # noqa: ANN001
+    def _landscapes(
+        self, images: np.ndarray, baselines: np.ndarray, books: _Accounting, passing: Verdict
+    ) -> np.ndarray:
         """Phase 1: every run of every image advances one tree level per model call."""
         s, spec = self.settings, self.evaluator.spec
         count = len(images)
@@ -168,7 +174,15 @@ class MpsEngine:
         maps = landscapes.responsibility.reshape(count, s.iters, spec.height, spec.width)
         return np.stack([combine_runs(image_maps, s.combination) for image_maps in maps])
 
-    def _extract(self, images, baselines, books, passing, searches, skip) -> None:  # noqa: ANN001
+    def _extract(
+        self,
+        images: np.ndarray,
+        baselines: np.ndarray,
+        books: _Accounting,
+        passing: Verdict,
+        searches: list[PrefixSearch],
+        skip: np.ndarray,
+    ) -> None:
         """Phase 2: blocks of consecutive prefixes per call, doubling while none passes."""
         block = self.settings.extraction_batch
         active = [m for m in range(len(searches)) if not skip[m]]
