@@ -17,6 +17,7 @@ import numpy as np
 
 from guard.algorithm.extraction import PrefixSearch, rank_pixels
 from guard.algorithm.landscape import Landscapes, combine_runs, rects_to_masks
+from guard.errors import ConfigError
 from guard.runtime.spec import ModelSpec
 from guard.settings import EngineSettings
 
@@ -93,6 +94,12 @@ class MpsEngine:
     def __init__(self, evaluator: MutantEvaluator, settings: EngineSettings | None = None) -> None:
         self.evaluator = evaluator
         self.settings = settings or EngineSettings()
+        baseline, channels = self.settings.baseline, evaluator.spec.channels
+        if baseline.kind == "channel" and len(baseline.channels or ()) != channels:
+            raise ConfigError(
+                f"baseline has {len(baseline.channels or ())} channel values, "
+                f"the model input has {channels} channels"
+            )
 
     def explain(self, image: np.ndarray) -> MpsResult:
         """The MPS of one input (model layout, without the batch axis)."""

@@ -8,6 +8,8 @@ import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from scipy.ndimage import gaussian_filter
 
+from guard.errors import ConfigError
+
 
 class Baseline(BaseModel):
     """What an occluded pixel becomes.
@@ -38,7 +40,7 @@ class Baseline(BaseModel):
         if self.kind == "channel":
             values = np.asarray(self.channels, dtype=image.dtype)
             if values.size != image.shape[channel_axis]:
-                raise ValueError(
+                raise ConfigError(
                     f"baseline has {values.size} channel values, the model input has "
                     f"{image.shape[channel_axis]} channels"
                 )

@@ -29,7 +29,8 @@ class Prediction:
 
     scores: np.ndarray  # [M, K], exactly what the model returned
     classes: np.ndarray  # [M] int64
-    confidences: np.ndarray  # [M] float32, softmax probability of the top class
+    confidences: np.ndarray  # [M] float32, probability of the top class (MSP)
+    margins: np.ndarray  # [M] float32, top-1 minus top-2 probability
 
 
 class MaskedClassifier:
@@ -78,7 +79,12 @@ class MaskedClassifier:
             classes, confidences, scores = (np.concatenate(p) for p in zip(*parts, strict=True))
         else:
             classes, confidences, scores = self._run(images, images, masks, index, True)
-        return Prediction(scores=scores, classes=classes, confidences=confidences)
+        probabilities = (
+            _softmax(scores) if self.output_kind == "logits" else scores.astype(np.float64)
+        )
+        top2 = np.sort(probabilities, axis=1)[:, -2:]
+        margins = (top2[:, 1] - top2[:, 0]).astype(np.float32)
+        return Prediction(scores=scores, classes=classes, confidences=confidences, margins=margins)
 
     def evaluate(
         self, images: np.ndarray, baselines: np.ndarray, masks: np.ndarray, image_index: np.ndarray
@@ -215,6 +221,12 @@ class MaskedClassifier:
         if with_scores:
             result[2] = result[2].reshape(len(masks), -1)
         return tuple(result)
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    shifted = scores.astype(np.float64) - scores.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
 
 
 def _read_model_bytes(path: Path) -> bytes:
