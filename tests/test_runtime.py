@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from guard.engine import MpsEngine
-from guard.errors import ModelLoadError, UnsupportedModelError
+from guard.errors import ConfigError, ModelLoadError, UnsupportedModelError
 from guard.runtime import MaskedClassifier
 from guard.settings import EngineSettings, ModelOptions
 from tests.fixtures import models
@@ -140,3 +140,18 @@ def test_unusable_models_get_one_clear_error(
 ) -> None:  # noqa: ANN001
     with pytest.raises(error, match=message):
         MaskedClassifier(build(tmp_path), ModelOptions(**options))
+
+
+def test_a_per_channel_baseline_is_applied_per_channel(tmp_path: Path, digits: np.ndarray) -> None:
+    path = models.rgb_model(tmp_path)
+    settings = EngineSettings(iters=4, baseline="0.1,0.5,0.9")
+    engine = MpsEngine(MaskedClassifier(path), settings)
+    plain = PlainModel(path)
+    for image in np.repeat(digits[:3], 3, axis=1):
+        result = engine.explain(image)
+        baseline = settings.baseline.image(image, channel_axis=0)
+        assert baseline[:, 0, 0].tolist() == pytest.approx([0.1, 0.5, 0.9])
+        kept = masked(image, baseline, result.mps_mask, "NCHW")
+        assert plain.top1(kept[None])[0] == result.predicted_class == plain.top1(image[None])[0]
+    with pytest.raises(ConfigError, match="2 channel values"):
+        MpsEngine(MaskedClassifier(path), EngineSettings(baseline="0.1,0.2"))

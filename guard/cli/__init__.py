@@ -2,6 +2,7 @@
 
 import typer
 
+from guard.cli.calibrate import calibrate
 from guard.cli.explain import explain, run_demo
 
 app = typer.Typer(
@@ -11,5 +12,6 @@ app = typer.Typer(
 )
 app.command()(explain)
 app.command("demo")(run_demo)
+app.command()(calibrate)
 
 __all__ = ["app"]

@@ -1,0 +1,150 @@
+"""The calibration run: prediction, confidence, margin and MPS of every labelled item.
+
+Results go to a JSON-lines cache next to the output as they are computed, so an interrupted
+run resumes where it stopped. The cache's first line fingerprints everything that shapes the
+results (model hash, engine settings, preprocessing, data); a cache made differently is never
+mixed in. Each image's MPS depends only on the image and the settings (the runs' random
+streams are fixed per run index), so a resumed run gives the same records as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calibration.records import ItemRecord
+from guard.datasets import Item, LabelledData
+from guard.engine import MpsEngine
+from guard.errors import ConfigError, GuardError
+from guard.runtime import MaskedClassifier
+
+CACHE_FORMAT = 1
+
+
+@dataclass
+class RunResult:
+    records: list[ItemRecord]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
+    resumed: int = 0  # items taken from the cache
+
+
+def fingerprint(
+    classifier: MaskedClassifier, engine: MpsEngine, data: LabelledData
+) -> dict[str, Any]:
+    return {
+        "cache_format": CACHE_FORMAT,
+        "model_sha256": classifier.sha256,
+        "engine": engine.settings.model_dump(mode="json"),
+        "preprocessing": data.preprocessing.model_dump(mode="json"),
+        "data": str(data.source.resolve()),
+        "items": len(data),
+    }
+
+
+def _read_cache(
+    cache: Path, expected: dict[str, Any]
+) -> tuple[list[ItemRecord], list[tuple[str, str]]]:
+    lines = cache.read_text().splitlines()
+    try:
+        header = json.loads(lines[0]) if lines else None
+    except json.JSONDecodeError:
+        header = None
+    if header != {"fingerprint": expected}:
+        raise ConfigError(
+            f"cache {cache} was made with other settings, model or data; "
+            "delete it or pass --restart to start over"
+        )
+    records, skipped = [], []
+    for line in lines[1:]:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by an interruption: that item is simply redone
+        if "skipped" in entry:
+            skipped.append((entry["key"], entry["skipped"]))
+        else:
+            records.append(ItemRecord.from_json_line(line))
+    return records, skipped
+
+
+def run_items(
+    data: LabelledData,
+    classifier: MaskedClassifier,
+    engine: MpsEngine,
+    cache: Path,
+    *,
+    batch_items: int = 8,
+    restart: bool = False,
+    on_progress: Callable[[int], None] | None = None,
+) -> RunResult:
+    """Compute (or take from the cache) the record of every item, in data order."""
+    expected = fingerprint(classifier, engine, data)
+    records: list[ItemRecord] = []
+    skipped: list[tuple[str, str]] = []
+    if cache.exists() and not restart:
+        records, skipped = _read_cache(cache, expected)
+    else:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"fingerprint": expected}) + "\n")
+    done = {r.key for r in records} | {key for key, _ in skipped}
+    result = RunResult(records, skipped, resumed=len(done))
+    if on_progress and done:
+        on_progress(len(done))
+
+    with cache.open("a") as handle:
+        batch: list[Item] = []
+        for item in data.items(skip=done):
+            batch.append(item)
+            if len(batch) == batch_items:
+                _process(batch, classifier, engine, result, handle, on_progress)
+                batch = []
+        if batch:
+            _process(batch, classifier, engine, result, handle, on_progress)
+    order = {key: i for i, key in enumerate(data.keys)}
+    result.records.sort(key=lambda r: order.get(r.key, len(order)))
+    return result
+
+
+def _process(batch, classifier, engine, result, handle, on_progress) -> None:  # noqa: ANN001
+    lines = []
+    good = []
+    for item in batch:
+        if item.tensor is not None and np.isfinite(item.tensor).all():
+            good.append(item)
+        else:
+            reason = item.error or f"{item.key}: input contains NaN or Inf values"
+            result.skipped.append((item.key, reason))
+            lines.append(json.dumps({"key": item.key, "skipped": reason}))
+    if good:
+        images = np.stack([item.tensor for item in good])
+        try:
+            prediction = classifier.predict(images)
+            explained = engine.explain_batch(images)
+        except GuardError as exc:  # a batch-level input problem: record it per item
+            for item in good:
+                result.skipped.append((item.key, str(exc)))
+                lines.append(json.dumps({"key": item.key, "skipped": str(exc)}))
+            good, explained = [], []
+        for i, (item, mps) in enumerate(zip(good, explained, strict=True)):
+            record = ItemRecord(
+                key=item.key,
+                label=item.label,
+                predicted_class=mps.predicted_class,
+                confidence=mps.confidence,
+                margin=float(prediction.margins[i]),
+                mps_area_fraction=mps.mps_area_fraction,
+                degenerate=mps.degenerate,
+                baseline_class=mps.baseline_class,
+            )
+            result.records.append(record)
+            lines.append(record.to_json_line())
+    handle.write("".join(line + "\n" for line in lines))
+    handle.flush()
+    if on_progress:
+        on_progress(len(batch))
