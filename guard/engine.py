@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from guard.algorithm.extraction import PrefixSearch, rank_pixels
-from guard.algorithm.landscape import Landscapes, combine_runs, rects_to_masks
+from guard.algorithm.landscape import Landscapes, combine_runs
 from guard.errors import ConfigError
 from guard.runtime.spec import ModelSpec
 from guard.settings import EngineSettings
@@ -172,10 +172,9 @@ class MpsEngine:
             form=s.responsibility_form,
         )
         while True:
-            rects, runs = landscapes.propose()
-            if not len(rects):
+            masks, runs = landscapes.propose()
+            if not len(masks):
                 break
-            masks = rects_to_masks(rects, spec.height, spec.width)
             index = runs // s.iters
             landscapes.update(passing(*books.evaluate(images, baselines, masks, index), index))
         maps = landscapes.responsibility.reshape(count, s.iters, spec.height, spec.width)

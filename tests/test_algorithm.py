@@ -13,8 +13,9 @@ from guard.algorithm.landscape import (
     Landscapes,
     child_weights,
     combine_runs,
+    mutant_masks,
     paint_rects,
-    rects_to_masks,
+    run_keys,
     split_draws,
     split_rects,
 )
@@ -33,7 +34,7 @@ def test_combinations_are_the_14_non_empty_proper_subsets_in_rex_order() -> None
 
 def test_splits_tile_the_box_and_never_cut_at_its_first_pixel() -> None:
     box = np.array([3, 17, 5, 12])
-    draws = split_draws(seed=0, run_ids=np.arange(200), level=0)[:, 0]
+    draws = split_draws(run_keys(0, np.arange(200)), level=0)[:, 0]
     children = split_rects(np.broadcast_to(box, (200, 4)), draws)
     cuts = set()
     for four in children:
@@ -48,23 +49,42 @@ def test_splits_tile_the_box_and_never_cut_at_its_first_pixel() -> None:
 
 
 def test_draws_depend_on_seed_run_and_level_only() -> None:
-    a = split_draws(0, np.array([0, 1, 2]), level=3)
-    assert np.array_equal(a, split_draws(0, np.array([0, 1, 2]), level=3))
-    assert np.array_equal(a[1], split_draws(0, np.array([1]), level=3)[0])
-    assert not np.array_equal(a, split_draws(1, np.array([0, 1, 2]), level=3))
-    assert not np.array_equal(a, split_draws(0, np.array([0, 1, 2]), level=4))
+    def draws(seed: int, ids: list[int], level: int) -> np.ndarray:
+        return split_draws(run_keys(seed, np.array(ids)), level)
+
+    a = draws(0, [0, 1, 2], level=3)
+    assert np.array_equal(a, draws(0, [0, 1, 2], level=3))
+    assert np.array_equal(a[1], draws(0, [1], level=3)[0])
+    assert not np.array_equal(a, draws(1, [0, 1, 2], level=3))
+    assert not np.array_equal(a, draws(0, [0, 1, 2], level=4))
     assert len(set(a.ravel().tolist())) == a.size
 
 
-def test_rects_paint_as_their_union_and_weights_add() -> None:
+def _box_mask(rect, height: int = 16, width: int = 16) -> np.ndarray:  # noqa: ANN001
+    mask = np.zeros((height, width), bool)
+    mask[rect[0] : rect[1], rect[2] : rect[3]] = True
+    return mask
+
+
+def test_rects_paint_with_their_weights() -> None:
     rects = np.array([[[0, 2, 0, 3], [2, 4, 1, 2], [0, 0, 0, 0]]])
-    mask = rects_to_masks(rects, 4, 4)[0]
-    expected = np.zeros((4, 4), bool)
-    expected[0:2, 0:3] = True
-    expected[2:4, 1:2] = True
-    assert np.array_equal(mask, expected)
     painted = paint_rects(rects, np.array([[0.5, 2.0, 9.0]]), 4, 4)[0]
     assert painted[0, 0] == 0.5 and painted[3, 1] == 2.0 and painted[3, 3] == 0.0
+    assert painted.sum() == 0.5 * 6 + 2.0 * 2
+
+
+def test_mutant_masks_keep_their_children_and_the_other_boxes() -> None:
+    children = np.array([[[0, 3, 0, 5], [0, 3, 5, 8], [3, 8, 0, 5], [3, 8, 5, 8]]])
+    others = np.array([[[10, 16, 10, 12], [0, 0, 0, 0]]])
+    masks = mutant_masks(children, others, 16, 16)
+    assert masks.shape == (14, 16, 16)
+    static = _box_mask(others[0, 0])
+    for mask, keep in zip(masks, COMBINATIONS, strict=True):
+        expected = static.copy()
+        for rect, kept in zip(children[0], keep, strict=True):
+            if kept:
+                expected |= _box_mask(rect)
+        assert np.array_equal(mask, expected)
 
 
 def test_witness_form_gives_one_over_k_plus_one() -> None:
@@ -76,10 +96,9 @@ def test_witness_form_gives_one_over_k_plus_one() -> None:
 def _drive(landscapes: Landscapes, passes: Oracle) -> tuple[int, list[np.ndarray]]:
     levels, seen = 0, []
     while True:
-        rects, owners = landscapes.propose()
-        if not len(rects):
+        masks, owners = landscapes.propose()
+        if not len(masks):
             return levels, seen
-        masks = rects_to_masks(rects, landscapes.height, landscapes.width)
         seen.append(masks)
         landscapes.update(np.array([passes(m) for m in masks]))
         levels += 1
@@ -98,10 +117,11 @@ def test_responsibility_concentrates_on_the_pixels_the_oracle_needs() -> None:
 
 def test_first_level_mutants_are_the_14_combinations_of_the_root_children() -> None:
     landscapes = Landscapes(16, 16, run_ids=np.array([0]))
-    rects, owners = landscapes.propose()
-    assert rects.shape == (14, 5, 4) and (owners == 0).all()
-    children = split_rects(np.array([[0, 16, 0, 16]]), split_draws(0, np.array([0]), 0)[:, 0])[0]
-    masks = rects_to_masks(rects, 16, 16)
+    masks, owners = landscapes.propose()
+    assert masks.shape == (14, 16, 16) and (owners == 0).all()
+    children = split_rects(
+        np.array([[0, 16, 0, 16]]), split_draws(run_keys(0, np.array([0])), 0)[:, 0]
+    )[0]
     for mask, keep in zip(masks, COMBINATIONS, strict=True):
         expected = np.zeros((16, 16), bool)
         for (r0, r1, c0, c1), kept in zip(children, keep, strict=True):
@@ -112,16 +132,15 @@ def test_first_level_mutants_are_the_14_combinations_of_the_root_children() -> N
 
 def test_the_jobs_other_boxes_stay_whole_and_the_smallest_passing_mutant_leads() -> None:
     landscapes = Landscapes(32, 32, run_ids=np.array([4]), min_box_size=4)
-    rects, _ = landscapes.propose()
-    masks = rects_to_masks(rects, 32, 32)
+    masks, _ = landscapes.propose()
     passing = np.zeros(14, bool)
     passing[[4, 10]] = True  # children {0, 1} and {0, 1, 2} pass; {0, 1} is smaller
     landscapes.update(passing)
     assert landscapes.job_size[0] == 2
     job_union = masks[4]
-    assert np.array_equal(rects_to_masks(landscapes.job[:, :2], 32, 32)[0], job_union)
-    second = rects_to_masks(landscapes.propose()[0], 32, 32)
-    first_box = rects_to_masks(landscapes.job[:, :1], 32, 32)[0]
+    first_box, second_box = (_box_mask(rect, 32, 32) for rect in landscapes.job[0, :2])
+    assert np.array_equal(first_box | second_box, job_union)
+    second, _ = landscapes.propose()
     other_box = job_union & ~first_box
     for mask in second[:14]:  # splitting box 0 keeps box 1 whole, and stays inside the job
         assert (mask & other_box).sum() == other_box.sum() and not (mask & ~job_union).any()

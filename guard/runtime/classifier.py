@@ -134,6 +134,8 @@ class MaskedClassifier:
     def _new_session(self, model: onnx.ModelProto) -> ort.InferenceSession:
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # Worker threads that spin between calls steal the core our per-level bookkeeping runs on.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # The GPU build lists CUDA even where no GPU or CUDA library exists, and its fallback
         # to CPU logs an error; under "auto" that fallback is expected, so silence it and
         # report the provider that actually runs (``provider``) instead.
