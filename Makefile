@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench models clean
+.PHONY: demo test lint bench models demo-calibration clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)  ## engine vs model-only floor vs rex-xai (installs rex-xai in its own venv)
 	$(BIN)/python benchmarks/bench_engine.py --json benchmarks/results/latest.json
+
+demo-calibration: $(STAMP)  ## re-make the demo model's shipped calibration from its held-out split
+	$(BIN)/guard calibrate guard/demo/heldout.npz --out guard/demo/calibration.json \
+		--report out/demo-calibration --restart
+	rm -f guard/demo/calibration.json.cache.jsonl
 
 models: $(STAMP)  ## re-train the demo and benchmark models (needs the train extra: torch)
 	$(BIN)/pip install --quiet -e '.[dev,train]'

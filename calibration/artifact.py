@@ -548,6 +548,7 @@ def save_artifact(artifact: CalibrationArtifact, path: str | os.PathLike[str]) -
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a calibration is meant to be shared
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -34,7 +34,7 @@ def test_combinations_are_the_14_non_empty_proper_subsets_in_rex_order() -> None
 
 def test_splits_tile_the_box_and_never_cut_at_its_first_pixel() -> None:
     box = np.array([3, 17, 5, 12])
-    draws = split_draws(run_keys(0, np.arange(200)), level=0)[:, 0]
+    draws = split_draws(run_keys(0, np.arange(200)), 1)[:, 0, 0]
     children = split_rects(np.broadcast_to(box, (200, 4)), draws)
     cuts = set()
     for four in children:
@@ -50,7 +50,7 @@ def test_splits_tile_the_box_and_never_cut_at_its_first_pixel() -> None:
 
 def test_draws_depend_on_seed_run_and_level_only() -> None:
     def draws(seed: int, ids: list[int], level: int) -> np.ndarray:
-        return split_draws(run_keys(seed, np.array(ids)), level)
+        return split_draws(run_keys(seed, np.array(ids)), 6)[:, level]
 
     a = draws(0, [0, 1, 2], level=3)
     assert np.array_equal(a, draws(0, [0, 1, 2], level=3))
@@ -120,7 +120,7 @@ def test_first_level_mutants_are_the_14_combinations_of_the_root_children() -> N
     masks, owners = landscapes.propose()
     assert masks.shape == (14, 16, 16) and (owners == 0).all()
     children = split_rects(
-        np.array([[0, 16, 0, 16]]), split_draws(run_keys(0, np.array([0])), 0)[:, 0]
+        np.array([[0, 16, 0, 16]]), split_draws(run_keys(0, np.array([0])), 1)[:, 0, 0]
     )[0]
     for mask, keep in zip(masks, COMBINATIONS, strict=True):
         expected = np.zeros((16, 16), bool)

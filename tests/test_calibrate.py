@@ -216,3 +216,10 @@ def _npz(directory: Path, x: np.ndarray, y: np.ndarray) -> Path:
     path = directory / "data.npz"
     np.savez(path, x=x, y=y)
     return path
+
+
+def test_the_shipped_demo_calibration_belongs_to_the_demo_model(demo_classifier) -> None:  # noqa: ANN001
+    artifact = load_artifact(demo.DEMO_CALIBRATION, model_sha256=demo_classifier.sha256)
+    assert EngineSettings.model_validate(artifact.engine) == EngineSettings()  # ReX defaults
+    assert Preprocessing.model_validate(artifact.preprocessing) == PREPROCESSING
+    assert artifact.metrics.n_items == len(np.load(demo.DEMO_HELDOUT)["y"])

@@ -67,10 +67,10 @@ def run_keys(seed: int, run_ids: np.ndarray) -> np.ndarray:
     return _splitmix(base ^ _splitmix(run_ids.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)))
 
 
-def split_draws(keys: np.ndarray, level: int) -> np.ndarray:
-    """uint64 [R, 3]: the random draw of each job slot of each run at a tree level."""
-    level_key = _splitmix(keys + np.uint64(level))
-    return _splitmix(level_key[:, None] + _SLOT_NUMBERS)
+def split_draws(keys: np.ndarray, levels: int) -> np.ndarray:
+    """uint64 [R, levels, 3]: the random draw of each job slot of each run at each tree level."""
+    level_keys = _splitmix(keys[:, None] + np.arange(levels, dtype=np.uint64))
+    return _splitmix(level_keys[..., None] + _SLOT_NUMBERS)
 
 
 def split_rects(rects: np.ndarray, draws: np.ndarray) -> np.ndarray:
@@ -147,7 +147,8 @@ class Landscapes:
         runs = len(run_ids)
         self.height, self.width = height, width
         self.run_ids = np.asarray(run_ids, dtype=np.int64)
-        self._keys = run_keys(seed, self.run_ids)
+        # Every split a run can make (depths 0..tree_depth), drawn at once.
+        self._draws = split_draws(run_keys(seed, self.run_ids), tree_depth + 1)
         self.seed, self.min_box_size, self.tree_depth = seed, min_box_size, tree_depth
         self.search_limit = search_limit
         self.weights = child_weights(form)
@@ -176,7 +177,7 @@ class Landscapes:
         self.done |= ~processed[:, 0]
         self._processed = processed
 
-        self._children = split_rects(job, split_draws(self._keys, self.depth))
+        self._children = split_rects(job, self._draws[:, min(self.depth, self.tree_depth)])
         others = job[:, _OTHER_SLOTS] * in_job[:, _OTHER_SLOTS][..., None]  # [R, 3, 2, 4]
         masks = mutant_masks(self._children[processed], others[processed], self.height, self.width)
         owners = np.repeat(np.nonzero(processed)[0], MUTANTS_PER_BOX)

@@ -71,7 +71,7 @@ class MaskedClassifier:
         """Run the model on whole images [M, *input_shape]."""
         images = self.check_images(images)
         index = np.arange(len(images), dtype=np.int64)
-        masks = np.ones((len(images), self.spec.height, self.spec.width), dtype=np.uint8)
+        masks = np.ones((len(images), self.spec.height, self.spec.width), dtype=bool)
         if self.batch_mode == "single":
             parts = [
                 self._run(images, images, masks[i : i + 1], index[i : i + 1], True) for i in index
@@ -94,7 +94,7 @@ class MaskedClassifier:
         ``images`` and ``baselines`` are [M, *input_shape] in the model's layout (already
         checked); ``masks`` is [N, H, W] (True keeps the pixel); ``image_index`` [N] picks j.
         """
-        masks = masks.view(np.uint8) if masks.dtype == bool else masks.astype(np.uint8)
+        masks = masks.astype(bool, copy=False)
         image_index = image_index.astype(np.int64, copy=False)
         if self.batch_mode != "single":
             classes, confidences = self._run(images, baselines, masks, image_index, False)
@@ -251,6 +251,6 @@ def _raw_scores(
             [_raw_scores(session, images[i : i + 1], spec) for i in range(len(images))]
         )
     index = np.arange(len(images), dtype=np.int64)
-    masks = np.ones((len(images), spec.height, spec.width), dtype=np.uint8)
+    masks = np.ones((len(images), spec.height, spec.width), dtype=bool)
     feeds = {g.IMAGES: images, g.BASELINES: images, g.MASKS: masks, g.IMAGE_INDEX: index}
     return session.run([spec.output_name], feeds)[0]

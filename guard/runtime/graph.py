@@ -1,6 +1,6 @@
 """Graph surgery: masking before the model and top-1 after it, in one ONNX graph.
 
-The composed graph takes a few images, their baselines, N small uint8 keep-masks and, per
+The composed graph takes a few images, their baselines, N small boolean keep-masks and, per
 mask, the index of its image; it returns N top-1 classes and confidences. So a device receives
 images once plus masks, and returns two numbers per mutant:
 
@@ -62,7 +62,7 @@ def compose_masked_model(
             helper.make_tensor_value_info(IMAGES, elem_type, image_dims),
             helper.make_tensor_value_info(BASELINES, elem_type, image_dims),
             helper.make_tensor_value_info(
-                MASKS, TensorProto.UINT8, ["mutants", spec.height, spec.width]
+                MASKS, TensorProto.BOOL, ["mutants", spec.height, spec.width]
             ),
             helper.make_tensor_value_info(IMAGE_INDEX, TensorProto.INT64, ["mutants"]),
             *kept_inputs,
@@ -78,10 +78,7 @@ def compose_masked_model(
     before = [
         helper.make_node("Gather", [IMAGES, IMAGE_INDEX], ["mps_guard_g_images"], axis=0),
         helper.make_node("Gather", [BASELINES, IMAGE_INDEX], ["mps_guard_g_baselines"], axis=0),
-        helper.make_node("Cast", [MASKS], ["mps_guard_mask_bool"], to=TensorProto.BOOL),
-        helper.make_node(
-            "Reshape", ["mps_guard_mask_bool", "mps_guard_mask_shape"], ["mps_guard_mask"]
-        ),
+        helper.make_node("Reshape", [MASKS, "mps_guard_mask_shape"], ["mps_guard_mask"]),
         helper.make_node(
             "Where",
             ["mps_guard_mask", "mps_guard_g_images", "mps_guard_g_baselines"],
@@ -89,7 +86,13 @@ def compose_masked_model(
         ),
     ]
     scores = "mps_guard_scores"
-    after = [helper.make_node("Flatten", [spec.output_name], [scores], axis=1)]
+    # Outputs such as [N, K, 1, 1] are flattened to [N, K]; plain [N, K] needs no node.
+    output = next(o for o in graph.output if o.name == spec.output_name)
+    if len(output.type.tensor_type.shape.dim) == 2:
+        scores = spec.output_name
+        after = []
+    else:
+        after = [helper.make_node("Flatten", [spec.output_name], [scores], axis=1)]
     if output_kind == "logits":
         after.append(helper.make_node("Softmax", [scores], ["mps_guard_probabilities"], axis=1))
     else:
