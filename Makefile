@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench models demo-calibration clean
+.PHONY: demo test lint bench models demo-calibration calibration-textures clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ demo-calibration: $(STAMP)  ## re-make the demo model's shipped calibration from
 	$(BIN)/guard calibrate guard/demo/heldout.npz --out guard/demo/calibration.json \
 		--report out/demo-calibration --restart
 	rm -f guard/demo/calibration.json.cache.jsonl
+
+calibration-textures: $(STAMP)  ## calibrate the 64x64 texture CNN on corrupted held-out crops
+	$(BIN)/python scripts/make_shifted_textures.py
+	$(BIN)/guard calibrate benchmarks/models/textures_shifted.npz \
+		--model benchmarks/models/textures_cnn.onnx --classes benchmarks/models/textures_classes.json \
+		--out out/textures-calibration/calibration.json --report out/textures-calibration/report
 
 models: $(STAMP)  ## re-train the demo and benchmark models (needs the train extra: torch)
 	$(BIN)/pip install --quiet -e '.[dev,train]'
