@@ -592,7 +592,7 @@ def load_artifact(
     if model_sha256 is not None and model_sha256 != fitted and not allow_model_mismatch:
         raise ConfigError(
             f"calibration was fitted on model sha256 {fitted[:12]}…, this model is "
-            f"{model_sha256[:12]}…; re-run guard calibrate or pass --allow-model-mismatch"
+            f"{model_sha256[:12]}…; re-run guard calibrate, or load it with allow_model_mismatch=True"
         )
     return artifact
 

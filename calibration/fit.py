@@ -66,6 +66,7 @@ MAX_GRID_POINTS = 1024
 DEGENERATE_NOTE_FRACTION = 0.5
 BASELINE_NOTE_FRACTION = 0.2
 FEW_ERRORS = 10
+VOID_AUROC = 0.6  # below this (and >= 0.5) the MPS score is reported as close to chance
 
 Indices = NDArray[np.int64]
 
@@ -506,6 +507,13 @@ def _notes(
             f"AUROC of the MPS score on held-out data is {mps_auroc:.2f} (< 0.5): the "
             "direction learned on the fit split did not generalise. Do not rely on the MPS "
             "score for this model."
+        )
+    elif mps_auroc < VOID_AUROC:
+        notes.append(
+            f"AUROC of the MPS score on held-out data is {mps_auroc:.2f}: MPS size separates "
+            "errors from correct predictions barely better than chance for this model, data and "
+            "baseline, so alarms from it carry little information. Consider another baseline, "
+            "more labelled errors, or the msp/combined score."
         )
     gain = m.auroc_gain_combined_over_msp
     notes.append(

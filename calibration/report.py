@@ -103,7 +103,7 @@ def write_report(
 ) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     split = _splits(fit, len(records))
-    _write_records(directory / "records.csv", records, split)
+    _write_records(directory / "records.csv", records, split, artifact)
     facts = summary(artifact, skipped)
     (directory / "summary.json").write_text(json.dumps(facts, indent=2) + "\n")
 
@@ -117,16 +117,29 @@ def write_report(
     (directory / "report.md").write_text(_markdown(facts, artifact, records, skipped))
 
 
-def _write_records(path: Path, records: list[ItemRecord], split: list[str]) -> None:
+def _write_records(
+    path: Path, records: list[ItemRecord], split: list[str], artifact: CalibrationArtifact
+) -> None:
+    """Every item with its split, its score of each kind and the deployed check's verdict."""
+    scores = held_out_scores(artifact, records)
+    verdicts = artifact.detector.evaluate(
+        mps_area_fraction=[r.mps_area_fraction for r in records],
+        confidence=[r.confidence for r in records],
+        predicted_class=[r.predicted_class for r in records],
+        margin=[r.margin for r in records],
+    )
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["key", "label", "predicted_class", "correct", "confidence", "margin",
-                         "mps_area_fraction", "degenerate", "baseline_class", "split"])  # fmt: skip
-        for record, part in zip(records, split, strict=True):
+                         "mps_area_fraction", "degenerate", "baseline_class", "split",
+                         *(f"score_{kind}" for kind in SCORE_KINDS), "p_value", "flagged"])  # fmt: skip
+        for i, (record, part) in enumerate(zip(records, split, strict=True)):
             writer.writerow([record.key, record.label, record.predicted_class, int(record.correct),
                              f"{record.confidence:.8g}", f"{record.margin:.8g}",
                              f"{record.mps_area_fraction:.8g}", int(record.degenerate),
-                             record.baseline_class, part])  # fmt: skip
+                             record.baseline_class, part,
+                             *(f"{scores[kind][i]:.17g}" for kind in SCORE_KINDS),
+                             f"{verdicts.p_value[i]:.17g}", int(verdicts.flagged[i])])  # fmt: skip
 
 
 def _plot_areas(path: Path, records: list[ItemRecord]) -> None:

@@ -107,7 +107,7 @@ def run_items(
         if batch:
             _process(batch, classifier, engine, result, handle, on_progress)
     order = {key: i for i, key in enumerate(data.keys)}
-    result.records.sort(key=lambda r: order.get(r.key, len(order)))
+    result.records.sort(key=lambda r: order[r.key])
     return result
 
 

@@ -144,6 +144,9 @@ def _manifest(
         raise ConfigError(f"cannot read manifest {path}: {exc}") from exc
     if rows and not {"path", "label"} <= set(rows[0]):
         raise ConfigError(f"manifest {path} needs a header with columns path,label")
+    for line, row in enumerate(rows, start=2):
+        if not (row.get("path") or "").strip() or not (row.get("label") or "").strip():
+            raise ConfigError(f"manifest {path}, line {line}: needs both a path and a label")
     raw = [row["label"].strip() for row in rows]
     if class_names is None:
         if all(label.lstrip("-").isdigit() for label in raw):
@@ -179,6 +182,8 @@ def _npz(
             f"{path}: x has shape {list(x.shape)}, expected [N, {', '.join(map(str, spec.input_shape))}] "
             f"({spec.layout}, preprocessed)"
         )
+    if not len(x):
+        raise ConfigError(f"data {path} holds no items")
     if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
         raise ConfigError(
             f"{path}: y must be {len(x)} integer labels, got {y.dtype} {list(y.shape)}"

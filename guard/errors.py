@@ -25,3 +25,7 @@ class InvalidInputError(GuardError):
 
 class ConfigError(GuardError):
     """A setting or settings file is invalid."""
+
+
+class ModelRuntimeError(GuardError):
+    """onnxruntime failed while running the model (after it loaded)."""

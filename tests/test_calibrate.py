@@ -94,6 +94,19 @@ def test_report_figures_match_a_recomputation_from_the_records(calibrated: Path)
         assert summary["auroc_msp"] == pytest.approx(
             roc_auc_score(~correct[held], msp[held]), abs=1e-9
         )
+    # The deployed check's figures, recomputed from the per-item scores and verdicts.
+    flagged = np.array([row["flagged"] == "1" for row in rows])
+    evaluation = np.array([row["split"] == "holdout-evaluation" for row in rows])
+    assert summary["false_alarm_rate_holdout"] == pytest.approx(
+        flagged[evaluation & correct].mean()
+    )
+    if (~correct[held]).any():
+        assert summary["detection_rate_holdout"] == pytest.approx(flagged[held & ~correct].mean())
+        for kind in ("mps", "combined"):
+            score = np.array([float(row[f"score_{kind}"]) for row in rows])
+            assert summary[f"auroc_{kind}"] == pytest.approx(
+                roc_auc_score(~correct[held], score[held]), abs=1e-9
+            )
     for key in ("false_alarm_rate_holdout", "detection_rate_holdout", "auroc_mps", "auroc_combined",
                 "baseline_class", "alpha"):  # fmt: skip
         assert key in summary
@@ -184,6 +197,14 @@ def _spec():  # noqa: ANN202
             "labels must lie in 0..9",
         ),
         (lambda d: d / "nothing.npz", "does not exist"),
+        (
+            lambda d: _npz(d, np.zeros((0, 1, 32, 32), np.float32), np.zeros(0, np.int64)),
+            "holds no items",
+        ),
+        (
+            lambda d: _manifest(d, "path,label\na.png,7\nb.png\n"),
+            "line 3: needs both a path and a label",
+        ),
     ],
 )
 def test_bad_data_gets_a_clear_message(tmp_path: Path, make, message: str) -> None:  # noqa: ANN001
@@ -191,7 +212,7 @@ def test_bad_data_gets_a_clear_message(tmp_path: Path, make, message: str) -> No
         app, ["calibrate", str(make(tmp_path)), "--out", str(tmp_path / "c.json")]
     )
     assert result.exit_code == 2
-    assert message in result.output and "Traceback" not in result.output
+    assert message in result.output and isinstance(result.exception, SystemExit)
 
 
 def test_labels_that_do_not_fit_the_model_are_refused(tmp_path: Path) -> None:

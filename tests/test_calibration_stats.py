@@ -491,7 +491,7 @@ def test_model_hash_mismatch(tmp_path: Path, fitted: FitResult) -> None:
         load_artifact(path, model_sha256=OTHER_SHA)
     message = str(caught.value)
     assert SHA[:12] in message and OTHER_SHA[:12] in message
-    assert "re-run guard calibrate" in message and "--allow-model-mismatch" in message
+    assert "re-run guard calibrate" in message and "allow_model_mismatch=True" in message
     loaded = load_artifact(path, model_sha256=OTHER_SHA, allow_model_mismatch=True)
     assert loaded.model.sha256 == SHA
 

@@ -88,7 +88,7 @@ def test_bad_inputs_are_reported_and_the_others_still_processed(tmp_path: Path) 
     assert "NaN or Inf" in records["nan.npy"]["error"]
     assert "cannot decode image" in records["text.png"]["error"]
     assert "does not exist" in records["missing.png"]["error"]
-    assert "Traceback" not in result.output
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
 
 
 @pytest.mark.parametrize(
@@ -107,7 +107,7 @@ def test_a_missing_or_corrupt_model_is_one_clear_error(tmp_path: Path, make, mes
     model = make(tmp_path)
     result = runner.invoke(app, ["explain", str(IMAGES[0]), "--model", str(model)])
     assert result.exit_code == 2
-    assert message in result.output and "Traceback" not in result.output
+    assert message in result.output and isinstance(result.exception, SystemExit)
 
 
 def test_invalid_settings_are_one_clear_error() -> None:
@@ -126,3 +126,26 @@ def test_the_installed_command_runs_as_a_subprocess(tmp_path: Path) -> None:
     assert json.loads(completed.stdout.strip().splitlines()[-1])["predicted_class"] == int(
         IMAGES[1].stem[5]
     )
+
+
+def test_file_names_with_markup_and_a_settings_file_that_is_not_an_object(tmp_path: Path) -> None:
+    odd = tmp_path / "x[bold]y.png"
+    odd.write_bytes(IMAGES[0].read_bytes())
+    result = runner.invoke(app, ["explain", str(odd), *FAST])
+    assert result.exit_code == 0, result.output
+    assert "x[bold]y.png" in result.stdout
+    settings = tmp_path / "engine.json"
+    settings.write_text("[1, 2]")
+    result = runner.invoke(app, ["explain", str(IMAGES[0]), "--engine-settings", str(settings)])
+    assert result.exit_code == 2 and "must hold a JSON object" in result.output
+
+
+def test_an_unexpected_fault_is_one_line_and_exit_3(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr("guard.cli.common.MaskedClassifier", broken)
+    result = runner.invoke(app, ["explain", str(IMAGES[0])])
+    assert result.exit_code == 3
+    assert "internal error (RuntimeError: disk on fire)" in result.output
+    assert isinstance(result.exception, SystemExit)

@@ -155,3 +155,20 @@ def test_a_per_channel_baseline_is_applied_per_channel(tmp_path: Path, digits: n
         assert plain.top1(kept[None])[0] == result.predicted_class == plain.top1(image[None])[0]
     with pytest.raises(ConfigError, match="2 channel values"):
         MpsEngine(MaskedClassifier(path), EngineSettings(baseline="0.1,0.2"))
+
+
+def test_a_declared_dynamic_batch_that_does_not_batch_falls_back_to_single(
+    tmp_path: Path, digits: np.ndarray
+) -> None:
+    import onnx
+
+    model = onnx.load(str(models.fixed_batch_unfixable_model(tmp_path)))
+    for value in [model.graph.input[0], *model.graph.output]:
+        value.type.tensor_type.shape.dim[0].dim_param = "N"
+    path = tmp_path / "liar.onnx"
+    onnx.save(model, str(path))
+    classifier = MaskedClassifier(path)
+    assert classifier.batch_mode == "single"
+    assert any("declares a dynamic batch" in note for note in classifier.notes)
+    result = MpsEngine(classifier, EngineSettings(iters=2)).explain(digits[0])
+    assert result.model_calls == result.model_evaluations

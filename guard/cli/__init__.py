@@ -3,6 +3,7 @@
 import typer
 
 from guard.cli.calibrate import calibrate
+from guard.cli.common import guarded
 from guard.cli.explain import explain, run_demo
 
 app = typer.Typer(
@@ -10,8 +11,8 @@ app = typer.Typer(
     no_args_is_help=True,
     help="mps-guard: minimal sufficient pixel sets of an image classifier's predictions.",
 )
-app.command()(explain)
-app.command("demo")(run_demo)
-app.command()(calibrate)
+app.command()(guarded(explain))
+app.command("demo")(guarded(run_demo))
+app.command()(guarded(calibrate))
 
 __all__ = ["app"]

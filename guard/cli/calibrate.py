@@ -113,6 +113,10 @@ def calibrate(
         raise fatal(f"--score must be mps, msp or combined, not {score!r}")
     if not 0 < alpha < 1:
         raise fatal(f"--alpha must lie strictly between 0 and 1, not {alpha}")
+    if not 0 < holdout_fraction < 1:
+        raise fatal(f"--holdout-fraction must lie strictly between 0 and 1, not {holdout_fraction}")
+    if batch_items < 1:
+        raise fatal(f"--batch-items must be at least 1, not {batch_items}")
     try:
         runtime = build_runtime(args)
         spec = runtime.classifier.spec
@@ -146,7 +150,7 @@ def calibrate(
     if result.skipped:
         err_console.print(f"skipped {len(result.skipped)} unreadable item(s):", highlight=False)
         for key, reason in result.skipped:
-            err_console.print(f"  {key}: {reason}", highlight=False, soft_wrap=True)
+            err_console.print(f"  {key}: {reason}", markup=False, highlight=False, soft_wrap=True)
     try:
         fit = fit_calibration(
             result.records, alpha=alpha, score=_score_kind(score), holdout_fraction=holdout_fraction,
@@ -193,5 +197,5 @@ def _print_summary(artifact, out: Path, report: Path | None, resumed: int) -> No
         f"msp {fmt(m.scores['msp'].auroc)}, combined {fmt(m.scores['combined'].auroc)}"
     )
     for note in artifact.notes:
-        out_console.print(f"note: {note}", soft_wrap=True)
+        out_console.print(f"note: {note}", markup=False, soft_wrap=True)
     out_console.print(f"calibration written to {out}" + (f", report in {report}" if report else ""))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from guard import demo
 from guard.engine import MpsEngine
-from guard.errors import ConfigError
+from guard.errors import ConfigError, GuardError
 from guard.preprocess import Preprocessing
 from guard.runtime import MaskedClassifier
 from guard.settings import EngineSettings, ModelOptions
@@ -27,6 +30,7 @@ err_console = Console(stderr=True)
 
 EXIT_INPUT_ERRORS = 1  # the run finished but some inputs failed
 EXIT_FATAL = 2  # nothing could be done (model, settings, data)
+EXIT_INTERNAL = 3  # a fault of the guard itself
 EXIT_INTERRUPTED = 130
 
 # Options shared by the commands that run the engine.
@@ -130,6 +134,8 @@ def build_runtime(args: RuntimeArgs) -> Runtime:
     overrides = {"scale": args.scale, "mean": floats(args.mean), "std": floats(args.std),
                  "color_mode": args.color_mode, "resize": args.resize}  # fmt: skip
     engine_base = load_json(args.engine_settings, "engine settings") if args.engine_settings else {}
+    if not isinstance(engine_base, dict):
+        raise ConfigError(f"engine settings file {args.engine_settings} must hold a JSON object")
     engine_overrides = {
         "iters": args.iters, "seed": args.seed, "tree_depth": args.tree_depth,
         "min_box_size": args.min_box_size, "chunk_size": args.chunk_size, "baseline": args.baseline,
@@ -153,6 +159,11 @@ def build_runtime(args: RuntimeArgs) -> Runtime:
     class_names = read_class_names(args.classes) if args.classes else None
     classifier = MaskedClassifier(args.model, options)
     engine = MpsEngine(classifier, settings)
+    for name, values in (("mean", preprocessing.mean), ("std", preprocessing.std)):
+        if values is not None and len(values) not in (1, classifier.spec.channels):
+            raise ConfigError(
+                f"{len(values)} {name} values given for a {classifier.spec.channels}-channel model"
+            )
     if class_names is not None and classifier.spec.num_classes not in (0, len(class_names)):
         raise ConfigError(
             f"{len(class_names)} class names given, the model has {classifier.spec.num_classes} outputs"
@@ -177,6 +188,29 @@ def progress_bar(verb: str) -> Progress:
 def print_error(message: str) -> None:
     # soft_wrap: one error, one line, whatever the terminal width (and greppable in logs)
     err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def guarded(command: Callable[..., None]) -> Callable[..., None]:
+    """Every command's last line of defence: a guard error is one message and exit 2; anything
+    else is an internal fault, reported in one line (its details with GUARD_DEBUG=1), exit 3."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except GuardError as exc:
+            raise fatal(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - the boundary where every fault is reported
+            if os.environ.get("GUARD_DEBUG") == "1":
+                raise
+            print_error(
+                f"internal error ({type(exc).__name__}: {exc}); re-run with GUARD_DEBUG=1 for details"
+            )
+            raise typer.Exit(EXIT_INTERNAL) from None
+
+    return run
 
 
 def fatal(message: str) -> typer.Exit:

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import numpy as np
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from guard import demo
@@ -40,13 +41,14 @@ from guard.cli.common import (
     TreeDepthOpt,
     WidthOpt,
     build_runtime,
+    err_console,
     fatal,
     out_console,
     print_error,
     progress_bar,
 )
 from guard.engine import MpsEngine, MpsResult
-from guard.errors import GuardError
+from guard.errors import ConfigError, GuardError
 from guard.preprocess import Preprocessing, input_to_display, load_input
 from guard.render import save_picture
 from guard.runtime import MaskedClassifier
@@ -70,6 +72,8 @@ def _explain_each(
             yield Outcome(path, result=engine.explain(tensor)), tensor
         except GuardError as exc:
             yield Outcome(path, error=str(exc)), None
+        except Exception as exc:  # noqa: BLE001 - one input's fault must not stop the others
+            yield Outcome(path, error=f"{path}: internal error ({type(exc).__name__}: {exc})"), None
 
 
 def _result_record(outcome: Outcome, class_names: list[str] | None) -> dict[str, Any]:
@@ -104,13 +108,13 @@ def _print_table(outcomes: list[Outcome], class_names: list[str] | None, notes: 
             continue
         name = class_names[r.predicted_class] if class_names else str(r.predicted_class)
         table.add_row(
-            outcome.path.name, name, f"{r.confidence:.3f}", f"{100 * r.mps_area_fraction:.2f}%",
+            escape(outcome.path.name), escape(name), f"{r.confidence:.3f}", f"{100 * r.mps_area_fraction:.2f}%",
             str(r.mps_pixels), "yes" if r.degenerate else "no", str(r.baseline_class),
             str(r.model_evaluations), str(r.model_calls), f"{r.seconds:.3f}",
         )  # fmt: skip
     out_console.print(table)
     for note in notes:
-        out_console.print(f"note: {note}")
+        out_console.print(f"note: {note}", markup=False, highlight=False)
 
 
 def _run_explain(
@@ -141,6 +145,9 @@ def _run_explain(
             progress.update(task, advance=1, rate=rate)
     if not as_json:
         _print_table(outcomes, class_names, classifier.notes + [f"provider: {classifier.provider}"])
+    else:  # stdout stays pure JSON lines; what a user should know goes to stderr
+        for note in classifier.notes:
+            err_console.print(f"note: {note}", markup=False, highlight=False)
     failures = [o for o in outcomes if o.error is not None]
     for outcome in failures:
         print_error(str(outcome.error))
@@ -161,14 +168,17 @@ def _write_outputs(
     result = outcome.result
     assert result is not None
     stem = outcome.path.stem
-    if save_masks is not None:
-        save_masks.mkdir(parents=True, exist_ok=True)
-        np.save(save_masks / f"{stem}.npy", result.mps_mask)
-    if out is not None:
-        shown = None if outcome.path.suffix.lower() == ".npy" else preprocessing
-        pixels = input_to_display(tensor, classifier.spec, shown)
-        name = class_names[result.predicted_class] if class_names else None
-        save_picture(out / f"{stem}.png", pixels, result, name)
+    try:
+        if save_masks is not None:
+            save_masks.mkdir(parents=True, exist_ok=True)
+            np.save(save_masks / f"{stem}.npy", result.mps_mask)
+        if out is not None:
+            shown = None if outcome.path.suffix.lower() == ".npy" else preprocessing
+            pixels = input_to_display(tensor, classifier.spec, shown)
+            name = class_names[result.predicted_class] if class_names else None
+            save_picture(out / f"{stem}.png", pixels, result, name)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the outputs of {outcome.path}: {exc}") from exc
 
 
 def explain(

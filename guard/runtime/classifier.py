@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
 
-from guard.errors import InvalidInputError, ModelLoadError
+from guard.errors import InvalidInputError, ModelLoadError, ModelRuntimeError
 from guard.runtime import graph as g
 from guard.runtime.spec import BatchMode, ModelSpec, ends_in_softmax, inspect_model
 from guard.settings import ModelOptions
@@ -61,6 +61,15 @@ class MaskedClassifier:
             model = self._make_batch_dynamic(model)
         self.output_kind, session = self._detect_output_kind(model)
         self._session = session or self._compose_session(model, self.output_kind)
+        if self.batch_mode == "dynamic" and not _batches_exactly(
+            self._session, self.spec, self._probe_images()
+        ):
+            # Declared dynamic, yet something inside the graph hard-codes the batch.
+            self.batch_mode = "single"
+            self.notes.append(
+                "the model declares a dynamic batch dimension but does not run batched: "
+                "evaluating one mutant per model call (slow)"
+            )
         self.provider: str = self._session.get_providers()[0]
         if self.options.provider == "cuda" and self.provider != _CUDA:
             self.notes.append("CUDA was asked for but is not available: running on CPU")
@@ -163,17 +172,10 @@ class MaskedClassifier:
     def _make_batch_dynamic(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """Edit a batch-1 graph to accept batches, keeping the edit only if it is exact."""
         edited = g.make_batch_dynamic(model, self.spec)
-        probe = self._probe_images()
         try:
             session = self._new_session(g.compose_masked_model(edited, self.spec, "logits"))
-            together = _raw_scores(session, probe, self.spec)
-            alone = np.concatenate(
-                [_raw_scores(session, probe[i : i + 1], self.spec) for i in range(2)]
-            )
-            exact = together.shape == alone.shape and np.allclose(
-                together, alone, rtol=1e-4, atol=1e-5
-            )
-        except Exception:  # noqa: BLE001 - any failure means the edit does not hold
+            exact = _batches_exactly(session, self.spec, self._probe_images())
+        except ModelLoadError:
             exact = False
         if exact:
             self.batch_mode = "made_dynamic"
@@ -200,9 +202,8 @@ class MaskedClassifier:
         if ends_in_softmax(model.graph, self.spec.output_name):
             return "probabilities", None
         session = self._compose_session(model, "logits")
-        scores = _raw_scores(
-            session, self._probe_images(), self.spec, single=self.batch_mode == "single"
-        )
+        # One probe per call: batching is only verified afterwards.
+        scores = _raw_scores(session, self._probe_images(), self.spec, single=True)
         rows = scores.reshape(len(scores), -1).astype(np.float64)
         is_distribution = (
             (rows >= 0).all() and (rows <= 1).all() and np.allclose(rows.sum(1), 1, atol=1e-3)
@@ -219,7 +220,7 @@ class MaskedClassifier:
     ) -> tuple[np.ndarray, ...]:
         outputs = [g.TOP_CLASS, g.TOP_CONFIDENCE] + ([self.spec.output_name] if with_scores else [])
         feeds = {g.IMAGES: images, g.BASELINES: baselines, g.MASKS: masks, g.IMAGE_INDEX: index}
-        result = self._session.run(outputs, feeds)
+        result = _run_session(self._session, outputs, feeds)
         if with_scores:
             result[2] = result[2].reshape(len(masks), -1)
         return tuple(result)
@@ -253,4 +254,24 @@ def _raw_scores(
     index = np.arange(len(images), dtype=np.int64)
     masks = np.ones((len(images), spec.height, spec.width), dtype=bool)
     feeds = {g.IMAGES: images, g.BASELINES: images, g.MASKS: masks, g.IMAGE_INDEX: index}
-    return session.run([spec.output_name], feeds)[0]
+    return _run_session(session, [spec.output_name], feeds)[0]
+
+
+def _run_session(session: ort.InferenceSession, outputs: list[str], feeds: dict) -> list:
+    """``session.run`` with onnxruntime's untyped failures turned into a guard error."""
+    try:
+        return session.run(outputs, feeds)
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise ModelRuntimeError(f"onnxruntime failed to run the model: {exc}") from exc
+
+
+def _batches_exactly(session: ort.InferenceSession, spec: ModelSpec, probe: np.ndarray) -> bool:
+    """Whether a batch of probes gives what each probe gives alone (and runs at all)."""
+    try:
+        together = _raw_scores(session, probe, spec)
+        alone = _raw_scores(session, probe, spec, single=True)
+    except ModelRuntimeError:
+        return False
+    return together.shape == alone.shape and bool(
+        np.allclose(together, alone, rtol=1e-4, atol=1e-5)
+    )
