@@ -223,3 +223,62 @@ def test_whole_image_is_the_mps_when_no_prefix_passes() -> None:
     while not search.done:
         search.update(np.zeros(len(search.propose(2)), dtype=bool))
     assert search.mps_chunks == 3 and search.mps_mask().all()
+
+
+def _sequential_rex_run(height: int, width: int, draws: np.ndarray, passes: Oracle, *,
+                        min_box_size: int = 10, tree_depth: int = 10) -> np.ndarray:  # fmt: skip
+    """One ReX run written as rex-xai 0.4.1 does it: box by box, one mutant at a time."""
+    responsibility = np.zeros((height, width))
+    job, depth = [(0, height, 0, width)], 0
+    while True:
+        processed = []
+        for slot, box in enumerate(job):
+            area = (box[1] - box[0]) * (box[3] - box[2])
+            if area < max(min_box_size, 2) or depth > tree_depth:
+                break  # rex: "no children, breaking"
+            children = [tuple(c) for c in split_rects(np.array(box), draws[depth, slot])]
+            static = [other for i, other in enumerate(job) if i != slot]
+            verdicts = []
+            for keep in COMBINATIONS:
+                mask = np.zeros((height, width), bool)
+                for rect in [c for c, k in zip(children, keep, strict=True) if k] + static:
+                    mask[rect[0] : rect[1], rect[2] : rect[3]] = True
+                verdicts.append(passes(mask))
+            for keep, ok in zip(COMBINATIONS, verdicts, strict=True):
+                if ok:
+                    for rect, kept in zip(children, keep, strict=True):
+                        if kept:
+                            responsibility[rect[0] : rect[1], rect[2] : rect[3]] += 1 / keep.sum()
+            static_area = sum((r[1] - r[0]) * (r[3] - r[2]) for r in static)
+            processed.append((children, verdicts, static_area))
+        if not processed or not any(processed[-1][1]):
+            return responsibility
+        children, verdicts, static_area = processed[-1]
+        areas = [sum((c[1] - c[0]) * (c[3] - c[2]) for c, k in zip(children, keep, strict=True) if k)
+                 + static_area for keep in COMBINATIONS]  # fmt: skip
+        chosen = min((a, m) for m, (a, ok) in enumerate(zip(areas, verdicts, strict=True)) if ok)[1]
+        job = [c for c, k in zip(children, COMBINATIONS[chosen], strict=True) if k]
+        depth += 1
+        if depth > tree_depth:
+            return responsibility
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_vectorised_runs_equal_a_sequential_rex_run(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    weights = rng.normal(0.3, 1.0, size=(24, 20))  # mixed signs: keeping pixels can hurt
+    threshold = 0.15 * weights.sum()
+
+    def passes(mask: np.ndarray) -> bool:  # a fixed, non-monotone "classifier" of masks
+        return bool((weights * mask).sum() > threshold) and bool(
+            mask[(seed * 7) % 24, (seed * 5) % 20]
+        )
+
+    runs = np.arange(5)
+    landscapes = Landscapes(24, 20, run_ids=runs, seed=seed, min_box_size=6, tree_depth=6)
+    _drive(landscapes, passes)
+    draws = split_draws(run_keys(seed, runs), 7)
+    for run in runs:
+        expected = _sequential_rex_run(24, 20, draws[run], passes, min_box_size=6, tree_depth=6)
+        assert np.allclose(landscapes.responsibility[run], expected)
+    assert landscapes.responsibility.any()
