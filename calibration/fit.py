@@ -527,8 +527,9 @@ def _notes(
             else ("a measurable loss" if gain.ci_high < 0 else "no measurable gain")
         )
         notes.append(
-            f"Adding MPS area to MSP changes AUROC by {gain.estimate:+.3f} (95% CI "
-            f"{gain.ci_low:+.3f} to {gain.ci_high:+.3f}): {verdict}."
+            f"The combined score (MPS area, MSP and margin) changes AUROC over MSP alone by "
+            f"{gain.estimate:+.3f} (95% CI {gain.ci_low:+.3f} to {gain.ci_high:+.3f}): {verdict}; "
+            "part of any gain may come from the margin rather than the MPS."
         )
     if score_reference.threshold is None:
         needed = _minimum_reference(score_reference.alpha)
