@@ -1,0 +1,1 @@
+"""Transports: the gRPC servicers (and their generated stubs) on top of the service layer."""

@@ -1,0 +1,1 @@
+"""gRPC transport: Open Inference Protocol and guard.v1 servicers; protobuf types stay here."""
