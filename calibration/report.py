@@ -142,6 +142,12 @@ def _write_records(
                              f"{verdicts.p_value[i]:.17g}", int(verdicts.flagged[i])])  # fmt: skip
 
 
+def _save(fig: plt.Figure, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)  # figures are not freed otherwise
+
+
 def _plot_areas(path: Path, records: list[ItemRecord]) -> None:
     correct = [r.mps_area_fraction for r in records if r.correct]
     incorrect = [r.mps_area_fraction for r in records if not r.correct]
@@ -160,9 +166,7 @@ def _plot_areas(path: Path, records: list[ItemRecord]) -> None:
     violin.set_xticks(range(1, len(groups) + 1), ["correct", "incorrect"][: len(groups)])
     violin.set_ylabel("MPS area")
     fig.suptitle("MPS area of correct and incorrect predictions")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _plot_roc(path: Path, scores: dict[str, np.ndarray], incorrect: np.ndarray) -> None:
@@ -176,9 +180,7 @@ def _plot_roc(path: Path, scores: dict[str, np.ndarray], incorrect: np.ndarray) 
     ax.set_ylabel("true positive rate (errors flagged)")
     ax.set_title("Error detection on held-out data")
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _plot_risk_coverage(path: Path, scores: dict[str, np.ndarray], incorrect: np.ndarray) -> None:
@@ -194,9 +196,7 @@ def _plot_risk_coverage(path: Path, scores: dict[str, np.ndarray], incorrect: np
     ax.set_ylabel("risk (error rate among kept)")
     ax.set_title("Risk-coverage on held-out data")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
