@@ -14,7 +14,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TextIO, TypeVar
 
 import numpy as np
 
@@ -47,9 +47,22 @@ def fingerprint(
     }
 
 
+class CachedRecord(Protocol):
+    """What the cached run needs of a per-item record."""
+
+    key: str
+
+    def to_json_line(self) -> str: ...
+
+
+R = TypeVar("R", bound=CachedRecord)
+# (decoded, finite items of one batch) -> one record per item; GuardError: a batch-level problem
+Explain = Callable[[list[Item]], list[R]]
+
+
 def _read_cache(
-    cache: Path, expected: dict[str, Any]
-) -> tuple[list[ItemRecord], list[tuple[str, str]]]:
+    cache: Path, expected: dict[str, Any], parse: Callable[[str], R]
+) -> tuple[list[R], list[tuple[str, str]]]:
     lines = cache.read_text().splitlines()
     try:
         header = json.loads(lines[0]) if lines else None
@@ -69,8 +82,91 @@ def _read_cache(
         if "skipped" in entry:
             skipped.append((entry["key"], entry["skipped"]))
         else:
-            records.append(ItemRecord.from_json_line(line))
+            records.append(parse(line))
     return records, skipped
+
+
+@dataclass
+class CachedRun(Generic[R]):
+    records: list[R]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
+    resumed: int = 0  # items taken from the cache
+
+
+def run_cached(
+    data: LabelledData,
+    cache: Path,
+    expected: dict[str, Any],
+    explain: Explain[R],
+    parse: Callable[[str], R],
+    *,
+    batch_items: int = 8,
+    restart: bool = False,
+    on_progress: Callable[[int], None] | None = None,
+) -> CachedRun[R]:
+    """Compute (or take from the JSON-lines cache) one record per item, in data order.
+
+    The cache's first line is ``expected`` (the fingerprint); a cache with another one is
+    refused. Unreadable or non-finite items, and batches the model rejects, are skipped and
+    cached as such, so a resumed run does not retry them.
+    """
+    records: list[R] = []
+    skipped: list[tuple[str, str]] = []
+    if cache.exists() and not restart:
+        records, skipped = _read_cache(cache, expected, parse)
+    else:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"fingerprint": expected}) + "\n")
+    done = {r.key for r in records} | {key for key, _ in skipped}
+    result = CachedRun(records, skipped, resumed=len(done))
+    if on_progress and done:
+        on_progress(len(done))
+
+    with cache.open("a") as handle:
+        batch: list[Item] = []
+        for item in data.items(skip=done):
+            batch.append(item)
+            if len(batch) == batch_items:
+                _process(batch, explain, result, handle, on_progress)
+                batch = []
+        if batch:
+            _process(batch, explain, result, handle, on_progress)
+    order = {key: i for i, key in enumerate(data.keys)}
+    result.records.sort(key=lambda r: order[r.key])
+    return result
+
+
+def _process(
+    batch: list[Item],
+    explain: Explain[R],
+    result: CachedRun[R],
+    handle: TextIO,
+    on_progress: Callable[[int], None] | None,
+) -> None:
+    lines = []
+    good = []
+    for item in batch:
+        if item.tensor is not None and np.isfinite(item.tensor).all():
+            good.append(item)
+        else:
+            reason = item.error or f"{item.key}: input contains NaN or Inf values"
+            result.skipped.append((item.key, reason))
+            lines.append(json.dumps({"key": item.key, "skipped": reason}))
+    if good:
+        try:
+            records = explain(good)
+        except GuardError as exc:  # a batch-level input problem: record it per item
+            for item in good:
+                result.skipped.append((item.key, str(exc)))
+                lines.append(json.dumps({"key": item.key, "skipped": str(exc)}))
+            records = []
+        for record in records:
+            result.records.append(record)
+            lines.append(record.to_json_line())
+    handle.write("".join(line + "\n" for line in lines))
+    handle.flush()
+    if on_progress:
+        on_progress(len(batch))
 
 
 def run_items(
@@ -83,56 +179,14 @@ def run_items(
     restart: bool = False,
     on_progress: Callable[[int], None] | None = None,
 ) -> RunResult:
-    """Compute (or take from the cache) the record of every item, in data order."""
-    expected = fingerprint(classifier, engine, data)
-    records: list[ItemRecord] = []
-    skipped: list[tuple[str, str]] = []
-    if cache.exists() and not restart:
-        records, skipped = _read_cache(cache, expected)
-    else:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({"fingerprint": expected}) + "\n")
-    done = {r.key for r in records} | {key for key, _ in skipped}
-    result = RunResult(records, skipped, resumed=len(done))
-    if on_progress and done:
-        on_progress(len(done))
+    """Compute (or take from the cache) the calibration record of every item, in data order."""
 
-    with cache.open("a") as handle:
-        batch: list[Item] = []
-        for item in data.items(skip=done):
-            batch.append(item)
-            if len(batch) == batch_items:
-                _process(batch, classifier, engine, result, handle, on_progress)
-                batch = []
-        if batch:
-            _process(batch, classifier, engine, result, handle, on_progress)
-    order = {key: i for i, key in enumerate(data.keys)}
-    result.records.sort(key=lambda r: order[r.key])
-    return result
-
-
-def _process(batch, classifier, engine, result, handle, on_progress) -> None:  # noqa: ANN001
-    lines = []
-    good = []
-    for item in batch:
-        if item.tensor is not None and np.isfinite(item.tensor).all():
-            good.append(item)
-        else:
-            reason = item.error or f"{item.key}: input contains NaN or Inf values"
-            result.skipped.append((item.key, reason))
-            lines.append(json.dumps({"key": item.key, "skipped": reason}))
-    if good:
-        images = np.stack([item.tensor for item in good])
-        try:
-            prediction = classifier.predict(images)
-            explained = engine.explain_batch(images)
-        except GuardError as exc:  # a batch-level input problem: record it per item
-            for item in good:
-                result.skipped.append((item.key, str(exc)))
-                lines.append(json.dumps({"key": item.key, "skipped": str(exc)}))
-            good, explained = [], []
-        for i, (item, mps) in enumerate(zip(good, explained, strict=True)):
-            record = ItemRecord(
+    def explain(items: list[Item]) -> list[ItemRecord]:
+        images = np.stack([item.tensor for item in items])
+        prediction = classifier.predict(images)
+        explained = engine.explain_batch(images)
+        return [
+            ItemRecord(
                 key=item.key,
                 label=item.label,
                 predicted_class=mps.predicted_class,
@@ -142,9 +196,11 @@ def _process(batch, classifier, engine, result, handle, on_progress) -> None:  #
                 degenerate=mps.degenerate,
                 baseline_class=mps.baseline_class,
             )
-            result.records.append(record)
-            lines.append(record.to_json_line())
-    handle.write("".join(line + "\n" for line in lines))
-    handle.flush()
-    if on_progress:
-        on_progress(len(batch))
+            for i, (item, mps) in enumerate(zip(items, explained, strict=True))
+        ]
+
+    run = run_cached(
+        data, cache, fingerprint(classifier, engine, data), explain, ItemRecord.from_json_line,
+        batch_items=batch_items, restart=restart, on_progress=on_progress,
+    )  # fmt: skip
+    return RunResult(run.records, run.skipped, run.resumed)
