@@ -26,7 +26,7 @@ bench: $(STAMP)  ## engine vs model-only floor vs rex-xai (installs rex-xai in i
 	$(BIN)/python benchmarks/bench_engine.py --json benchmarks/results/latest.json
 
 demo-calibration: $(STAMP)  ## re-make the demo model's shipped calibration from its held-out split
-	$(BIN)/guard calibrate guard/demo/heldout.npz --out guard/demo/calibration.json \
+	$(BIN)/guard calibrate guard/demo/heldout.npz --out guard/demo/calibration.json --score combined \
 		--report out/demo-calibration --restart
 	rm -f guard/demo/calibration.json.cache.jsonl
 

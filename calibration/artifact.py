@@ -506,6 +506,9 @@ class CalibrationArtifact(_Strict):
     detector: Detector
     metrics: HeldoutMetrics
     notes: list[str]
+    # MPS areas of every calibration item, sorted: the distribution that serving compares its
+    # recent areas with (drift). Absent from artifacts written before it existed.
+    area_reference: list[Annotated[float, Field(ge=0, le=1)]] | None = None
 
     @model_validator(mode="after")
     def _fits_model(self) -> Self:
@@ -525,6 +528,7 @@ def artifact_from_fit(
     preprocessing: dict[str, Any] | None,
     engine: dict[str, Any],
     class_names: list[str],
+    area_reference: ArrayLike | None = None,
 ) -> CalibrationArtifact:
     """Bind a fit to the model and engine settings that produced its records."""
     return CalibrationArtifact(
@@ -537,6 +541,9 @@ def artifact_from_fit(
         detector=fit.detector,
         metrics=fit.metrics,
         notes=list(fit.notes),
+        area_reference=None
+        if area_reference is None
+        else np.sort(np.asarray(area_reference, dtype=np.float64)).tolist(),
     )
 
 

@@ -1,7 +1,8 @@
 """One error hierarchy for the whole guard.
 
-Transports map these to their own vocabulary in one place each (CLI exit codes now, gRPC
-status codes later); anything that is not a ``GuardError`` is an internal fault.
+Transports map these to their own vocabulary in one place each (CLI exit codes in
+``guard.cli.common``, gRPC status codes in ``guard.transport.grpc.status``); anything that
+is not a ``GuardError`` is an internal fault.
 """
 
 from __future__ import annotations
@@ -29,3 +30,15 @@ class ConfigError(GuardError):
 
 class ModelRuntimeError(GuardError):
     """onnxruntime failed while running the model (after it loaded)."""
+
+
+class UnknownModelError(GuardError):
+    """A request names a model (or version) this server does not serve."""
+
+
+class OverloadedError(GuardError):
+    """The server is at its limit of concurrent requests; the client may retry later."""
+
+
+class DeadlineExceededError(GuardError):
+    """The client's deadline passed before the work was done."""

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -59,7 +60,15 @@ def load_input(path: Path, spec: ModelSpec, preprocessing: Preprocessing) -> np.
         raise InvalidInputError(f"{path}: file does not exist")
     if path.suffix.lower() == ".npy":
         return _load_tensor(path, spec)
-    return image_to_input(_decode(path, spec, preprocessing), spec, preprocessing)
+    return image_to_input(_decode(path, spec, preprocessing, str(path)), spec, preprocessing)
+
+
+def input_from_bytes(data: bytes, spec: ModelSpec, preprocessing: Preprocessing) -> np.ndarray:
+    """One model input from an encoded image (PNG, JPEG, ...) held in memory."""
+    if not data:
+        raise InvalidInputError("image: no bytes")
+    pixels = _decode(io.BytesIO(data), spec, preprocessing, "image")
+    return image_to_input(pixels, spec, preprocessing)
 
 
 def _load_tensor(path: Path, spec: ModelSpec) -> np.ndarray:
@@ -77,20 +86,26 @@ def _load_tensor(path: Path, spec: ModelSpec) -> np.ndarray:
     return tensor.astype(spec.dtype)
 
 
-def _decode(path: Path, spec: ModelSpec, preprocessing: Preprocessing) -> np.ndarray:
+def _decode(
+    source: Path | BinaryIO, spec: ModelSpec, preprocessing: Preprocessing, label: str
+) -> np.ndarray:
     mode = preprocessing.color_mode
     if mode == "auto":
         if spec.channels not in _MODES:
             raise ConfigError(f"cannot decode images for a {spec.channels}-channel model")
         mode = _MODES[spec.channels]
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             image = image.convert(mode)
             if image.size != (spec.width, spec.height):
                 image = image.resize((spec.width, spec.height), _RESAMPLING[preprocessing.resize])
             pixels = np.asarray(image, dtype=np.float32)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise InvalidInputError(f"{path}: cannot decode image ({exc})") from exc
+    except UnidentifiedImageError:
+        raise InvalidInputError(
+            f"{label}: cannot decode image (not a known image format)"
+        ) from None
+    except (Image.DecompressionBombError, OSError, ValueError) as exc:
+        raise InvalidInputError(f"{label}: cannot decode image ({exc})") from exc
     return pixels[..., None] if pixels.ndim == 2 else pixels  # H x W x C
 
 

@@ -3,8 +3,10 @@
 import typer
 
 from guard.cli.calibrate import calibrate
+from guard.cli.client import client
 from guard.cli.common import guarded
 from guard.cli.explain import explain, run_demo
+from guard.cli.serve import serve
 
 app = typer.Typer(
     add_completion=False,
@@ -14,5 +16,7 @@ app = typer.Typer(
 app.command()(guarded(explain))
 app.command("demo")(guarded(run_demo))
 app.command()(guarded(calibrate))
+app.command()(guarded(serve))
+app.command()(guarded(client))
 
 __all__ = ["app"]

@@ -169,6 +169,7 @@ def calibrate(
         preprocessing=runtime.preprocessing.model_dump(mode="json"),
         engine=runtime.engine.settings.model_dump(mode="json"),
         class_names=data_set.class_names,
+        area_reference=[r.mps_area_fraction for r in result.records],
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     save_artifact(artifact, out)

@@ -1,0 +1,64 @@
+"""``guard client``: ask a running sidecar for the verdict on image files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from guard.cli.common import EXIT_INPUT_ERRORS, out_console, print_error
+
+Opt = typer.Option
+
+
+def client(
+    images: Annotated[list[Path], typer.Argument(help="image files (PNG, JPEG, ...)")],
+    server: Annotated[str, Opt(help="sidecar address host:port")] = "localhost:50051",
+    model_name: Annotated[str, Opt(help="served model (default: the server's)")] = "",
+    as_json: Annotated[bool, Opt("--json", help="one JSON object per image")] = False,
+    timeout: Annotated[float, Opt(help="seconds to wait per image")] = 60.0,
+    tls_ca: Annotated[Path | None, Opt(help="PEM CA bundle: connect with TLS")] = None,
+    tls_cert: Annotated[Path | None, Opt(help="client certificate (mutual TLS)")] = None,
+    tls_key: Annotated[Path | None, Opt(help="client key (mutual TLS)")] = None,
+) -> None:
+    """Send each image to a running ``guard serve`` and print its verdict."""
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from guard.transport.grpc.client import GuardClient, channel
+
+    failed = 0
+    target = channel(server, tls_ca=tls_ca, client_cert=tls_cert, client_key=tls_key)
+    with GuardClient(target, timeout=timeout) as guard:
+        for path in images:
+            try:
+                answer = guard.explain(path.read_bytes(), model_name=model_name)
+            except OSError as exc:
+                failed += 1
+                print_error(f"{path}: {exc.strerror or exc}")
+                continue
+            except grpc.RpcError as exc:
+                failed += 1
+                print_error(f"{path}: {exc.code().name}: {exc.details()}")
+                continue
+            if as_json:
+                record = MessageToDict(
+                    answer,
+                    preserving_proto_field_name=True,
+                    always_print_fields_with_no_presence=True,
+                )
+                print(json.dumps({"path": str(path), **record}))
+                continue
+            name = f" {answer.predicted_name!r}" if answer.predicted_name else ""
+            verdict = f"FLAGGED ({answer.reason})" if answer.flagged else "ok"
+            out_console.print(
+                f"{path}: class {answer.predicted_class}{name}, confidence "
+                f"{answer.confidence:.3f}, MPS {answer.mps_area_fraction:.1%} of the pixels, "
+                f"score {answer.score:.3f}, p-value {answer.p_value:.3f}: {verdict}",
+                highlight=False,
+                soft_wrap=True,
+            )
+    if failed:
+        raise typer.Exit(EXIT_INPUT_ERRORS)

@@ -1,0 +1,191 @@
+"""Work queues of the data plane: MPSs of concurrent requests in shared model calls, and the
+bounded background queue of async mode.
+
+Both hand the engine several items at once: ``MpsEngine.explain_batch`` puts the mutants of
+all of them into the same model calls, and each item's MPS is the same as when computed alone
+(every image uses the same random streams), so sharing changes speed, never verdicts.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import numpy as np
+
+from guard.engine import MpsResult
+from guard.errors import DeadlineExceededError
+
+log = logging.getLogger(__name__)
+
+_STOP = object()  # queue sentinel: the worker finishes what is queued before it, then exits
+T = TypeVar("T")
+
+
+@dataclass
+class _Job:
+    images: np.ndarray
+    deadline: float | None  # time.monotonic() after which nobody waits for the result
+    future: Future[list[MpsResult]] = field(default_factory=Future)
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+
+class SharedExplainer:
+    """Collects the items of concurrent requests for up to ``max_wait`` seconds (or until
+    ``max_items``) and explains them in one engine call on a worker thread."""
+
+    def __init__(
+        self,
+        explain: Callable[[np.ndarray], list[MpsResult]],
+        *,
+        max_items: int,
+        max_wait: float,
+        on_batch: Callable[[int], None] = lambda items: None,
+    ) -> None:
+        self._explain = explain
+        self._max_items = max_items
+        self._max_wait = max_wait
+        self._on_batch = on_batch
+        self._queue: queue.Queue[object] = queue.Queue()
+        self._carry: _Job | None = None  # the job that did not fit into the previous batch
+        self._worker = threading.Thread(target=self._run, name="guard-shared-explain", daemon=True)
+        self._worker.start()
+
+    def explain(self, images: np.ndarray, deadline: float | None = None) -> list[MpsResult]:
+        """MPSs of ``images``, computed together with other callers' items."""
+        job = _Job(images, deadline)
+        self._queue.put(job)
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            return job.future.result(timeout=timeout)
+        except TimeoutError:
+            job.future.cancel()
+            raise DeadlineExceededError("the deadline passed while the MPS was computed") from None
+
+    def close(self, timeout: float | None = None) -> None:
+        self._queue.put(_STOP)
+        self._worker.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            batch, stop = self._collect()
+            if batch:
+                self._explain_jobs(batch)
+            if stop:
+                return
+
+    def _collect(self) -> tuple[list[_Job], bool]:
+        first = self._carry if self._carry is not None else self._queue.get()
+        self._carry = None
+        if first is _STOP:
+            return [], True
+        assert isinstance(first, _Job)
+        jobs, items = [first], len(first.images)
+        closes = time.monotonic() + self._max_wait
+        while items < self._max_items:
+            try:
+                nxt = self._queue.get(timeout=max(0.0, closes - time.monotonic()))
+            except queue.Empty:
+                break
+            if nxt is _STOP:
+                return jobs, True
+            assert isinstance(nxt, _Job)
+            if items + len(nxt.images) > self._max_items:
+                self._carry = nxt
+                break
+            jobs.append(nxt)
+            items += len(nxt.images)
+        return jobs, False
+
+    def _explain_jobs(self, jobs: list[_Job]) -> None:
+        live = []
+        for job in jobs:
+            if job.future.set_running_or_notify_cancel() and not job.expired():
+                live.append(job)
+            elif not job.future.done():
+                job.future.set_exception(DeadlineExceededError("the deadline passed in the queue"))
+        if not live:
+            return
+        try:
+            results = self._explain(np.concatenate([job.images for job in live]))
+        except BaseException as exc:  # noqa: BLE001 - every waiting caller gets the error
+            for job in live:
+                job.future.set_exception(exc)
+            return
+        self._on_batch(len(results))
+        start = 0
+        for job in live:
+            job.future.set_result(results[start : start + len(job.images)])
+            start += len(job.images)
+
+
+class BackgroundQueue(Generic[T]):
+    """A bounded queue drained in batches by one worker thread; ``submit`` never blocks."""
+
+    def __init__(
+        self,
+        process: Callable[[Sequence[T]], None],
+        *,
+        capacity: int,
+        max_batch: int,
+        on_depth: Callable[[int], None] = lambda depth: None,
+    ) -> None:
+        self._process = process
+        self._max_batch = max_batch
+        self._on_depth = on_depth
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=capacity)
+        self._stopping = False
+        self._worker = threading.Thread(target=self._run, name="guard-background", daemon=True)
+        self._worker.start()
+
+    def submit(self, item: T) -> bool:
+        """Queue ``item``; False (and nothing queued) when the queue is full or closing."""
+        if self._stopping:
+            return False
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            return False
+        self._on_depth(self._queue.qsize())
+        return True
+
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def close(self, timeout: float | None = None) -> int:
+        """Stop taking items, finish the queued ones within ``timeout``; how many were left."""
+        self._stopping = True
+        self._queue.put(_STOP)  # blocks only while full, and the worker is draining it
+        self._worker.join(timeout)
+        return max(0, self._queue.qsize() - 1) if self._worker.is_alive() else 0
+
+    def _run(self) -> None:
+        while True:
+            batch: list[T] = []
+            item = self._queue.get()
+            stop = item is _STOP
+            while not stop:
+                batch.append(item)  # type: ignore[arg-type]
+                if len(batch) >= self._max_batch:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                stop = item is _STOP
+            self._on_depth(self._queue.qsize())
+            if batch:
+                try:
+                    self._process(batch)
+                except Exception:  # noqa: BLE001 - a failed batch must not stop the worker
+                    log.exception("background check of %d item(s) failed", len(batch))
+            if stop:
+                return

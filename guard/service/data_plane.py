@@ -1,0 +1,413 @@
+"""The sidecar's data plane: predict, explain, score and count, for any transport.
+
+No protobuf here: requests arrive as numpy arrays, answers leave as dataclasses, failures as
+``GuardError``s. In ``sync`` mode the verdicts of a request's items are in its answer; in
+``async`` mode the answer carries the prediction only and the items wait in a bounded
+background queue (dropped and counted when it is full: the request path never blocks on it),
+whose verdicts reach the metrics and the JSON verdict log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from guard.engine import MpsEngine, MpsResult
+from guard.errors import DeadlineExceededError, OverloadedError, UnknownModelError
+from guard.runtime.classifier import Prediction
+from guard.service.batching import BackgroundQueue, SharedExplainer
+from guard.service.drift import DriftMonitor
+from guard.service.guarded_model import GuardedModel
+from guard.service.metrics import GuardMetrics
+from guard.service.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+verdict_log = logging.getLogger("guard.verdicts")
+
+# What happened to one item's check.
+CheckStatus = Literal["checked", "queued", "not_sampled", "queue_full"]
+VERSION = "1"  # the one version of each served model, as the inference protocol names it
+
+
+@dataclass(frozen=True)
+class Check:
+    """The guard's verdict on one prediction, with the MPS it rests on."""
+
+    predicted_class: int
+    predicted_name: str
+    confidence: float
+    mps_area_fraction: float
+    degenerate: bool
+    score: float
+    p_value: float
+    flagged: bool
+    reason: str
+    model_evaluations: int
+    model_calls: int
+    mps_mask: np.ndarray  # bool [H, W]
+
+
+@dataclass(frozen=True)
+class Timings:
+    predict_seconds: float
+    explain_seconds: float
+    total_seconds: float
+
+
+@dataclass(frozen=True)
+class Inference:
+    """A request's predictions, and the check of each item where it was done in the request."""
+
+    model: GuardedModel
+    prediction: Prediction
+    status: list[CheckStatus]
+    checks: list[Check | None]
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """An item waiting for its background check."""
+
+    request_id: str
+    item: int
+    image: np.ndarray
+    confidence: float
+    margin: float
+
+
+class _CountingEvaluator:
+    """The model runtime as the engine sees it, counting the model calls and evaluations spent
+    on MPSs (per batch, so shared calls are counted once)."""
+
+    def __init__(self, model: GuardedModel, metrics: GuardMetrics) -> None:
+        self._inner = model.classifier
+        self.spec = self._inner.spec
+        self._calls = metrics.model_calls.labels(model=model.name)
+        self._evaluations = metrics.model_evaluations.labels(model=model.name)
+
+    def check_images(self, images: np.ndarray) -> np.ndarray:
+        return self._inner.check_images(images)
+
+    def evaluate(
+        self, images: np.ndarray, baselines: np.ndarray, masks: np.ndarray, image_index: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        answer = self._inner.evaluate(images, baselines, masks, image_index)
+        self._calls.inc(self._inner.model_calls(len(masks)))
+        self._evaluations.inc(len(masks))
+        return answer
+
+    def model_calls(self, mutants: int) -> int:
+        return self._inner.model_calls(mutants)
+
+
+class _Served:
+    """One model with its own drift window and, depending on settings, its work queues."""
+
+    def __init__(self, model: GuardedModel, settings: ServeSettings, metrics: GuardMetrics) -> None:
+        self.model = model
+        self.engine = MpsEngine(_CountingEvaluator(model, metrics), model.engine.settings)
+        reference = model.calibration.area_reference
+        self.drift = DriftMonitor(reference, settings.drift_window) if reference else None
+        on_batch = metrics.shared_batch.labels(model=model.name).observe
+        self.shared = (
+            SharedExplainer(
+                self.engine.explain_batch,
+                max_items=settings.max_batch_items,
+                max_wait=settings.batch_wait_ms / 1000.0,
+                on_batch=on_batch,
+            )
+            if settings.share_model_calls
+            else None
+        )
+        self.on_batch = on_batch
+        self.background: BackgroundQueue[_Pending] | None = None
+
+    def explain(self, images: np.ndarray, deadline: float | None) -> list[MpsResult]:
+        if self.shared is not None:
+            return self.shared.explain(images, deadline)
+        results = self.engine.explain_batch(images)
+        self.on_batch(len(results))
+        return results
+
+
+class DataPlane:
+    """Serves guarded models: ``infer`` (a batch, verdicts by mode) and ``explain`` (one item,
+    always its full verdict)."""
+
+    def __init__(
+        self, models: Sequence[GuardedModel], settings: ServeSettings, metrics: GuardMetrics
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._served: dict[str, _Served] = {}
+        self._slots = threading.BoundedSemaphore(settings.max_concurrency)
+        self._sampler = random.Random()
+        for model in models:
+            served = _Served(model, settings, metrics)
+            if settings.mode == "async":
+                depth = metrics.queue_depth.labels(model=model.name).set
+                served.background = BackgroundQueue(
+                    lambda batch, served=served: self._check_background(served, batch),
+                    capacity=settings.queue_size,
+                    max_batch=settings.max_batch_items,
+                    on_depth=depth,
+                )
+            self._served[model.name] = served
+            detector = model.calibration.detector
+            metrics.register_model(
+                model.name,
+                provider=model.classifier.provider,
+                sha256=model.classifier.sha256,
+                mode=settings.mode,
+                score_kind=detector.score_kind,
+                alpha=detector.alpha,
+                queue_capacity=settings.queue_size if settings.mode == "async" else 0,
+                drift=served.drift,
+            )
+            reasons = {"mps": "suspicious_mps_area", "msp": "low_confidence"}
+            metrics.flagged.labels(
+                model.name, reasons.get(detector.score_kind, "suspicious_combined")
+            )
+            metrics.skipped.labels(model.name, "queue_full")
+
+    # -- lookup -------------------------------------------------------------------------------
+
+    @property
+    def models(self) -> list[GuardedModel]:
+        return [served.model for served in self._served.values()]
+
+    def model(self, name: str, version: str = "") -> GuardedModel:
+        """The served model called ``name`` (version empty or the one served)."""
+        return self._lookup(name, version).model
+
+    def _lookup(self, name: str, version: str) -> _Served:
+        served = self._served.get(name)
+        if served is None:
+            known = ", ".join(sorted(self._served))
+            raise UnknownModelError(f"unknown model {name!r}; this server serves: {known}")
+        if version not in ("", VERSION):
+            raise UnknownModelError(
+                f"model {name!r} has no version {version!r}; it has version {VERSION}"
+            )
+        return served
+
+    # -- requests -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[None]:
+        """A request slot, or ``OverloadedError`` at once when all are taken."""
+        if not self._slots.acquire(blocking=False):
+            raise OverloadedError(
+                f"the server is handling its limit of {self.settings.max_concurrency} "
+                "concurrent requests; retry later"
+            )
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    def infer(
+        self,
+        model_name: str,
+        images: np.ndarray,
+        *,
+        request_id: str,
+        version: str = "",
+        deadline: float | None = None,
+    ) -> Inference:
+        """Predict a batch; check each sampled item now (sync) or in the background (async)."""
+        started = time.perf_counter()
+        served = self._lookup(model_name, version)
+        model, name = served.model, served.model.name
+        prediction = model.predict(images)
+        predicted = time.perf_counter()
+        self.metrics.predictions.labels(model=name).inc(len(images))
+        self.metrics.stage_seconds.labels(model=name, stage="predict").observe(predicted - started)
+
+        sampled = [self._sampled() for _ in range(len(images))]
+        status: list[CheckStatus] = ["not_sampled"] * len(images)
+        checks: list[Check | None] = [None] * len(images)
+        chosen = [i for i, s in enumerate(sampled) if s]
+        self.metrics.skipped.labels(name, "not_sampled").inc(len(images) - len(chosen))
+        if served.background is not None:
+            for i in chosen:
+                pending = _Pending(
+                    request_id,
+                    i,
+                    images[i],
+                    float(prediction.confidences[i]),
+                    float(prediction.margins[i]),
+                )
+                status[i] = "queued" if served.background.submit(pending) else "queue_full"
+                if status[i] == "queue_full":
+                    self.metrics.skipped.labels(name, "queue_full").inc()
+        elif chosen:
+            found = self._check(
+                served,
+                images[chosen],
+                prediction.confidences[chosen],
+                prediction.margins[chosen],
+                request_ids=[request_id] * len(chosen),
+                items=chosen,
+                deadline=deadline,
+            )
+            for i, check in zip(chosen, found, strict=True):
+                status[i], checks[i] = "checked", check
+        finished = time.perf_counter()
+        self.metrics.stage_seconds.labels(model=name, stage="total").observe(finished - started)
+        timings = Timings(predicted - started, finished - predicted, finished - started)
+        return Inference(model, prediction, status, checks, timings)
+
+    def explain(
+        self,
+        model_name: str,
+        image: np.ndarray | bytes,
+        *,
+        request_id: str,
+        deadline: float | None = None,
+    ) -> tuple[GuardedModel, Check, Timings]:
+        """Predict and check one item (a model input, or encoded image bytes), whatever the mode."""
+        started = time.perf_counter()
+        served = self._lookup(model_name, "")
+        model, name = served.model, served.model.name
+        tensor = model.decode(image) if isinstance(image, bytes) else image
+        images = tensor[None]
+        prediction = model.predict(images)
+        predicted = time.perf_counter()
+        self.metrics.predictions.labels(model=name).inc()
+        self.metrics.stage_seconds.labels(model=name, stage="predict").observe(predicted - started)
+        (check,) = self._check(
+            served,
+            images,
+            prediction.confidences,
+            prediction.margins,
+            request_ids=[request_id],
+            items=[0],
+            deadline=deadline,
+        )
+        finished = time.perf_counter()
+        self.metrics.stage_seconds.labels(model=name, stage="total").observe(finished - started)
+        return model, check, Timings(predicted - started, finished - predicted, finished - started)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish background checks within ``timeout``, then stop the workers."""
+        ends = None if timeout is None else time.monotonic() + timeout
+        for served in self._served.values():
+            left = None if ends is None else max(0.0, ends - time.monotonic())
+            if served.background is not None:
+                dropped = served.background.close(left)
+                if dropped:
+                    log.warning(
+                        "%d queued check(s) of %s dropped at shutdown", dropped, served.model.name
+                    )
+            if served.shared is not None:
+                served.shared.close(left)
+
+    # -- checks -------------------------------------------------------------------------------
+
+    def _sampled(self) -> bool:
+        rate = self.settings.sample_rate
+        return rate >= 1.0 or (rate > 0.0 and self._sampler.random() < rate)
+
+    def _check(
+        self,
+        served: _Served,
+        images: np.ndarray,
+        confidences: np.ndarray,
+        margins: np.ndarray,
+        *,
+        request_ids: Sequence[str],
+        items: Sequence[int],
+        deadline: float | None,
+    ) -> list[Check]:
+        """MPS, score and counts of items already predicted."""
+        name = served.model.name
+        started = time.perf_counter()
+        if deadline is not None and time.monotonic() >= deadline:
+            self.metrics.skipped.labels(name, "deadline").inc(len(images))
+            raise DeadlineExceededError("the deadline passed before the MPS could be computed")
+        try:
+            results = served.explain(images, deadline)
+        except DeadlineExceededError:
+            self.metrics.skipped.labels(name, "deadline").inc(len(images))
+            raise
+        verdicts = served.model.score(results, confidences, margins)
+        checks = [
+            Check(
+                predicted_class=r.predicted_class,
+                predicted_name=served.model.class_name(r.predicted_class),
+                confidence=float(confidences[k]),
+                mps_area_fraction=r.mps_area_fraction,
+                degenerate=r.degenerate,
+                score=float(verdicts.score[k]),
+                p_value=float(verdicts.p_value[k]),
+                flagged=bool(verdicts.flagged[k]),
+                reason=str(verdicts.reason[k]),
+                model_evaluations=r.model_evaluations,
+                model_calls=r.model_calls,
+                mps_mask=r.mps_mask,
+            )
+            for k, r in enumerate(results)
+        ]
+        self._count(served, checks, time.perf_counter() - started, request_ids, items)
+        return checks
+
+    def _check_background(self, served: _Served, batch: Sequence[_Pending]) -> None:
+        self._check(
+            served,
+            np.stack([p.image for p in batch]),
+            np.array([p.confidence for p in batch]),
+            np.array([p.margin for p in batch]),
+            request_ids=[p.request_id for p in batch],
+            items=[p.item for p in batch],
+            deadline=None,
+        )
+
+    def _count(
+        self,
+        served: _Served,
+        checks: Sequence[Check],
+        seconds: float,
+        request_ids: Sequence[str],
+        items: Sequence[int],
+    ) -> None:
+        name, m = served.model.name, self.metrics
+        m.stage_seconds.labels(model=name, stage="explain").observe(seconds)
+        m.checked.labels(model=name).inc(len(checks))
+        for check in checks:
+            m.mps_area.labels(model=name).observe(check.mps_area_fraction)
+            if check.flagged:
+                m.flagged.labels(model=name, reason=check.reason).inc()
+        if served.drift is not None:
+            served.drift.add([c.mps_area_fraction for c in checks])
+        if self.settings.log_verdicts and verdict_log.isEnabledFor(logging.INFO):
+            for request_id, item, check in zip(request_ids, items, checks, strict=True):
+                verdict_log.info(json.dumps(_verdict_record(name, request_id, item, check)))
+
+
+def _verdict_record(model: str, request_id: str, item: int, check: Check) -> dict[str, object]:
+    return {
+        "event": "verdict",
+        "model": model,
+        "request_id": request_id,
+        "item": item,
+        "predicted_class": check.predicted_class,
+        "predicted_name": check.predicted_name,
+        "confidence": round(check.confidence, 6),
+        "mps_area_fraction": round(check.mps_area_fraction, 6),
+        "degenerate": check.degenerate,
+        "score": round(check.score, 6),
+        "p_value": round(check.p_value, 6),
+        "flagged": check.flagged,
+        "reason": check.reason,
+    }

@@ -1,0 +1,156 @@
+"""The sidecar's Prometheus metrics, all on one injected registry (never the global one).
+
+Names follow Prometheus conventions: the ``guard_`` prefix, base units (seconds, fractions),
+``_total`` on counters. Every per-model series carries a ``model`` label (the served name).
+The alerting rules and the dashboard in deploy/ are written against exactly these names.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from guard.service.drift import DriftMonitor
+
+# Latency from a millisecond (a small model's prediction) to a minute (a large model's MPS).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# MPS area is a fraction of the image; the paper's areas span about 0.1% to 100%.
+AREA_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class GuardMetrics:
+    """Every metric the sidecar exports; one instance per server, on ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "guard_requests",
+            "Requests handled, by RPC and outcome (the gRPC status code, lower case).",
+            ["model", "rpc", "outcome"],
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "guard_in_flight_requests",
+            "Inference and explain requests being handled now.",
+            registry=registry,
+        )
+        self.predictions = Counter(
+            "guard_predictions",
+            "Items the model predicted (a batched request counts each item).",
+            ["model"],
+            registry=registry,
+        )
+        self.checked = Counter(
+            "guard_checked_predictions",
+            "Predictions whose MPS was computed and scored against the calibration.",
+            ["model"],
+            registry=registry,
+        )
+        self.flagged = Counter(
+            "guard_flagged_predictions",
+            "Checked predictions the guard flagged, by reason.",
+            ["model", "reason"],
+            registry=registry,
+        )
+        self.skipped = Counter(
+            "guard_skipped_checks",
+            "Predictions left unchecked: not sampled, background queue full, or deadline passed.",
+            ["model", "reason"],
+            registry=registry,
+        )
+        self.mps_area = Histogram(
+            "guard_mps_area_fraction",
+            "MPS area of checked predictions, as a fraction of the input's pixels.",
+            ["model"],
+            buckets=AREA_BUCKETS,
+            registry=registry,
+        )
+        self.stage_seconds = Histogram(
+            "guard_stage_duration_seconds",
+            "Wall time per stage: predict (model on the request), explain (MPS and score, "
+            "per checked item), total (the whole request).",
+            ["model", "stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.model_evaluations = Counter(
+            "guard_model_evaluations",
+            "Model evaluations (masked inputs) spent on MPSs.",
+            ["model"],
+            registry=registry,
+        )
+        self.model_calls = Counter(
+            "guard_model_calls",
+            "onnxruntime calls made for MPSs (each evaluates a batch of masked inputs).",
+            ["model"],
+            registry=registry,
+        )
+        self.shared_batch = Histogram(
+            "guard_explain_batch_items",
+            "Items whose MPSs were computed together, sharing model calls.",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "guard_queue_depth",
+            "Predictions waiting in the background (async) check queue.",
+            ["model"],
+            registry=registry,
+        )
+        self.queue_capacity = Gauge(
+            "guard_queue_capacity",
+            "Size of the background check queue.",
+            ["model"],
+            registry=registry,
+        )
+        self.alpha = Gauge(
+            "guard_calibration_alpha",
+            "The calibrated false-alarm rate: correct predictions are flagged at most this often.",
+            ["model"],
+            registry=registry,
+        )
+        self.drift = Gauge(
+            "guard_mps_area_drift",
+            "Kolmogorov-Smirnov distance of the recent MPS areas from the calibration's (0-1).",
+            ["model"],
+            registry=registry,
+        )
+        self.drift_items = Gauge(
+            "guard_mps_area_drift_window_items",
+            "Recent MPS areas in the drift window.",
+            ["model"],
+            registry=registry,
+        )
+        self.info = Info(
+            "guard_model",
+            "The served model: execution provider that runs it, its sha256, mode and score.",
+            ["model"],
+            registry=registry,
+        )
+
+    def register_model(
+        self,
+        model: str,
+        *,
+        provider: str,
+        sha256: str,
+        mode: str,
+        score_kind: str,
+        alpha: float,
+        queue_capacity: int,
+        drift: DriftMonitor | None,
+    ) -> None:
+        """Static facts of a served model, and the drift gauges read at scrape time."""
+        self.info.labels(model=model).info(
+            {"provider": provider, "sha256": sha256, "mode": mode, "score_kind": score_kind}
+        )
+        self.alpha.labels(model=model).set(alpha)
+        self.queue_capacity.labels(model=model).set(queue_capacity)
+        self.queue_depth.labels(model=model).set(0)
+        if drift is not None:
+            self.drift.labels(model=model).set_function(drift.distance)
+            self.drift_items.labels(model=model).set_function(drift.items)
+        # Zero-valued series from the start, so rates and ratios are defined before traffic.
+        for counter in (self.predictions, self.checked, self.model_evaluations, self.model_calls):
+            counter.labels(model=model)

@@ -1,0 +1,90 @@
+"""Settings of ``guard serve``: each one a CLI flag and a ``GUARD_`` environment variable.
+
+The names are the flags' (``--metrics-port`` is ``metrics_port`` is ``GUARD_METRICS_PORT``);
+a flag given on the command line wins over the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Self
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Mode = Literal["sync", "async"]
+
+
+class ServeSettings(BaseSettings):
+    """What ``guard serve`` serves, where, and how it behaves under load."""
+
+    model_config = SettingsConfigDict(env_prefix="GUARD_", extra="forbid", frozen=True)
+
+    model: Path | None = Field(default=None, description="ONNX classifier (default: the demo)")
+    calibration: Path | None = Field(
+        default=None, description="calibration JSON from guard calibrate (required with --model)"
+    )
+    model_name: str | None = Field(
+        default=None, min_length=1, description="name clients use (default: model file stem)"
+    )
+    engine_settings: Path | None = Field(
+        default=None, description="JSON engine settings to use instead of the calibration's"
+    )
+    allow_engine_mismatch: bool = Field(
+        default=False, description="serve engine settings that differ from the calibration's"
+    )
+    allow_model_mismatch: bool = Field(
+        default=False, description="serve a model whose sha256 differs from the calibration's"
+    )
+    provider: Literal["auto", "cpu", "cuda"] = "auto"
+
+    host: str = Field(default="0.0.0.0", description="bind address of both ports")
+    port: int = Field(default=50051, ge=0, le=65535, description="gRPC port (0: any free one)")
+    metrics_port: int = Field(
+        default=9464, ge=0, le=65535, description="Prometheus /metrics port (0: any free one)"
+    )
+
+    mode: Mode = Field(
+        default="sync", description="sync: verdict in the response; async: in the background"
+    )
+    sample_rate: float = Field(default=1.0, ge=0.0, le=1.0, description="share of items checked")
+    queue_size: int = Field(default=256, ge=1, description="background queue (async mode)")
+    share_model_calls: bool = Field(
+        default=True, description="compute concurrent requests' MPSs in shared model calls"
+    )
+    batch_wait_ms: float = Field(
+        default=2.0, ge=0.0, le=1000.0, description="longest wait for requests to share a batch"
+    )
+    max_batch_items: int = Field(
+        default=32, ge=1, description="most items whose MPSs are computed together"
+    )
+    max_concurrency: int = Field(
+        default=64, ge=1, description="requests handled at once; more get RESOURCE_EXHAUSTED"
+    )
+    max_request_items: int = Field(default=64, ge=1, description="most items in one request")
+    max_message_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1024, description="largest request or response message"
+    )
+    grace_seconds: float = Field(
+        default=30.0, ge=0.0, description="on SIGTERM, how long in-flight requests may finish"
+    )
+    drift_window: int = Field(default=500, ge=10, description="recent MPS areas compared for drift")
+
+    tls_cert: Path | None = Field(default=None, description="PEM server certificate chain")
+    tls_key: Path | None = Field(default=None, description="PEM private key of tls_cert")
+    tls_client_ca: Path | None = Field(
+        default=None, description="PEM CA bundle: require client certificates (mutual TLS)"
+    )
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_verdicts: bool = Field(default=True, description="one JSON log line per verdict")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.model is not None and self.calibration is None:
+            raise ValueError("a calibration is required with a model (guard calibrate makes one)")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        return self

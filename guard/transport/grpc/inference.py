@@ -1,0 +1,188 @@
+"""The Open Inference Protocol servicer (``inference.GRPCInferenceService``).
+
+ModelInfer answers with the model's output unchanged and adds the guard's verdicts: as
+response parameters when the request holds one item, and as extra output tensors (one value
+per item) when it holds several or asks for them by name. See README "The sidecar".
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import numpy as np
+
+from guard import __version__
+from guard.errors import InvalidInputError
+from guard.service.data_plane import VERSION, DataPlane, Inference
+from guard.transport.grpc import tensors
+from guard.transport.grpc.generated.inference import grpc_predict_v2_pb2 as pb
+from guard.transport.grpc.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from guard.transport.grpc.status import Servicer, deadline_of, rpc
+
+PLATFORM = "onnxruntime_onnx"
+
+
+def _guard_outputs(inference: Inference) -> dict[str, np.ndarray]:
+    """The per-item verdict tensors; NaN / False where an item was not checked in the request."""
+    checks = inference.checks
+
+    def column(value: Callable[[Any], float], empty: float) -> np.ndarray:
+        return np.array([empty if c is None else value(c) for c in checks], dtype=np.float32)
+
+    return {
+        "guard_checked": np.array([c is not None for c in checks], dtype=bool),
+        "guard_flagged": np.array([c is not None and c.flagged for c in checks], dtype=bool),
+        "guard_mps_area": column(lambda c: c.mps_area_fraction, np.nan),
+        "guard_score": column(lambda c: c.score, np.nan),
+        "guard_p_value": column(lambda c: c.p_value, np.nan),
+    }
+
+
+GUARD_OUTPUTS = ("guard_checked", "guard_flagged", "guard_mps_area", "guard_score", "guard_p_value")
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer, Servicer):
+    def __init__(self, plane: DataPlane, ready: Callable[[], bool]) -> None:
+        self.plane = plane
+        self.metrics = plane.metrics
+        self._ready = ready
+
+    def model_label(self, request: Any) -> str:
+        name = getattr(request, "model_name", None) or getattr(request, "name", "")
+        return name if name in {m.name for m in self.plane.models} else "unknown"
+
+    @rpc("ServerLive")
+    def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.ServicerContext) -> Any:
+        return pb.ServerLiveResponse(live=True)
+
+    @rpc("ServerReady")
+    def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.ServicerContext) -> Any:
+        return pb.ServerReadyResponse(ready=self._ready())
+
+    @rpc("ModelReady")
+    def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.ServicerContext) -> Any:
+        self.plane.model(request.name, request.version)
+        return pb.ModelReadyResponse(ready=self._ready())
+
+    @rpc("ServerMetadata")
+    def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.ServicerContext
+    ) -> Any:
+        return pb.ServerMetadataResponse(name="mps-guard", version=__version__, extensions=[])
+
+    @rpc("ModelMetadata")
+    def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.ServicerContext) -> Any:
+        model = self.plane.model(request.name, request.version)
+        spec = model.classifier.spec
+        meta = pb.ModelMetadataResponse.TensorMetadata
+        num_classes = spec.num_classes or model.calibration.model.num_classes
+        outputs = [
+            meta(name=spec.output_name, datatype="FP32", shape=[-1, num_classes]),
+            *(
+                meta(
+                    name=name, datatype="BOOL" if name in GUARD_OUTPUTS[:2] else "FP32", shape=[-1]
+                )
+                for name in GUARD_OUTPUTS
+            ),
+        ]
+        return pb.ModelMetadataResponse(
+            name=model.name,
+            versions=[VERSION],
+            platform=PLATFORM,
+            inputs=[
+                meta(
+                    name=spec.input_name,
+                    datatype=tensors.datatype_of(spec.dtype),
+                    shape=[-1, *spec.input_shape],
+                )
+            ],
+            outputs=outputs,
+        )
+
+    @rpc("ModelInfer", heavy=True)
+    def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> Any:
+        with self.plane.admitted():
+            model = self.plane.model(request.model_name, request.model_version)
+            images = self._images(request, model.classifier.spec)
+            requested = [o.name for o in request.outputs]
+            known = (model.classifier.spec.output_name, *GUARD_OUTPUTS)
+            unknown = [name for name in requested if name not in known]
+            if unknown:
+                raise InvalidInputError(
+                    f"unknown output(s) {', '.join(map(repr, unknown))}; this model has "
+                    f"{', '.join(known)}"
+                )
+            request_id = request.id or uuid.uuid4().hex
+            inference = self.plane.infer(
+                model.name,
+                images,
+                request_id=request_id,
+                version=request.model_version,
+                deadline=deadline_of(context),
+            )
+        return self._response(inference, request_id, requested)
+
+    def _images(self, request: pb.ModelInferRequest, spec: Any) -> np.ndarray:
+        if len(request.inputs) != 1:
+            raise InvalidInputError(
+                f"the model takes exactly one input, {spec.input_name!r}; the request has "
+                f"{len(request.inputs)}"
+            )
+        tensor = request.inputs[0]
+        if tensor.name != spec.input_name:
+            raise InvalidInputError(
+                f"unknown input {tensor.name!r}; the model's input is {spec.input_name!r}"
+            )
+        raw_count = len(request.raw_input_contents)
+        if raw_count and tensors.has_typed_contents(tensor):
+            raise InvalidInputError(
+                "the request mixes raw_input_contents with typed contents; use one or the other"
+            )
+        if raw_count > 1:
+            raise InvalidInputError(
+                f"raw_input_contents holds {raw_count} entries for 1 input; send exactly one"
+            )
+        return tensors.decode_input(
+            tensor,
+            request.raw_input_contents[0] if raw_count else None,
+            datatype=tensors.datatype_of(spec.dtype),
+            item_shape=spec.input_shape,
+            max_items=self.plane.settings.max_request_items,
+        )
+
+    def _response(self, inference: Inference, request_id: str, requested: list[str]) -> Any:
+        model = inference.model
+        items = len(inference.status)
+        arrays = {model.classifier.spec.output_name: inference.prediction.scores}
+        if items > 1 or any(name in GUARD_OUTPUTS for name in requested):
+            arrays.update(_guard_outputs(inference))
+        names = requested or list(arrays)
+        response = pb.ModelInferResponse(
+            model_name=model.name, model_version=VERSION, id=request_id
+        )
+        for name in names:
+            meta, data = tensors.encode_output(name, arrays[name])
+            response.outputs.append(meta)
+            response.raw_output_contents.append(data)
+        if items == 1:
+            _set_verdict_parameters(response.parameters, inference)
+        return response
+
+
+def _set_verdict_parameters(parameters: Any, inference: Inference) -> None:
+    """The verdict of a one-item request as ``guard_*`` response parameters."""
+    parameters["guard_status"].string_param = inference.status[0]
+    check = inference.checks[0]
+    if check is None:
+        return
+    parameters["guard_flagged"].bool_param = check.flagged
+    parameters["guard_reason"].string_param = check.reason
+    parameters["guard_score"].double_param = check.score
+    parameters["guard_p_value"].double_param = check.p_value
+    parameters["guard_mps_area"].double_param = check.mps_area_fraction
+    parameters["guard_degenerate"].bool_param = check.degenerate
+    parameters["guard_predicted_class"].int64_param = check.predicted_class
+    parameters["guard_model_evaluations"].int64_param = check.model_evaluations

@@ -1,0 +1,152 @@
+"""The sidecar process: gRPC server (inference protocol, guard service, health, reflection)
+and the Prometheus endpoint, with a graceful stop."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from guard.errors import ConfigError
+from guard.service.data_plane import DataPlane
+from guard.service.guarded_model import GuardedModel, load_guarded_model
+from guard.service.metrics import GuardMetrics
+from guard.service.settings import ServeSettings
+from guard.transport.grpc.generated.guard.v1 import guard_pb2, guard_pb2_grpc
+from guard.transport.grpc.generated.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
+from guard.transport.grpc.guard_service import GuardServicer
+from guard.transport.grpc.inference import InferenceServicer
+
+log = logging.getLogger(__name__)
+
+INFERENCE_SERVICE = grpc_predict_v2_pb2.DESCRIPTOR.services_by_name[
+    "GRPCInferenceService"
+].full_name
+GUARD_SERVICE = guard_pb2.DESCRIPTOR.services_by_name["GuardService"].full_name
+# Threads beyond the request limit, so that health checks and metadata calls (and prompt
+# RESOURCE_EXHAUSTED answers) still get through when every request slot is taken.
+_SPARE_THREADS = 8
+
+
+class Sidecar:
+    """Loads the model, binds both ports on ``start``, drains on ``stop``."""
+
+    def __init__(
+        self,
+        settings: ServeSettings,
+        *,
+        registry: CollectorRegistry | None = None,
+        models: list[GuardedModel] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry or CollectorRegistry()
+        self.metrics = GuardMetrics(self.registry)
+        self.plane = DataPlane(models or [load_guarded_model(settings)], settings, self.metrics)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self._draining = threading.Event()
+        self._server: grpc.Server | None = None
+        self._metrics_server = None
+        self.port = 0
+        self.metrics_port = 0
+
+    @property
+    def models(self) -> list[GuardedModel]:
+        return self.plane.models
+
+    def start(self) -> None:
+        s = self.settings
+        threads = s.max_concurrency + _SPARE_THREADS
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="guard-rpc"),
+            options=[
+                ("grpc.max_receive_message_length", s.max_message_bytes),
+                ("grpc.max_send_message_length", s.max_message_bytes),
+                ("grpc.so_reuseport", 0),  # a port in use is an error, not a shared port
+            ],
+            maximum_concurrent_rpcs=threads,
+        )
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.plane, ready=lambda: not self._draining.is_set()), server
+        )
+        guard_pb2_grpc.add_GuardServiceServicer_to_server(GuardServicer(self.plane), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (INFERENCE_SERVICE, GUARD_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        address = f"{_host(s.host)}:{s.port}"
+        try:
+            if s.tls_cert is not None and s.tls_key is not None:
+                self.port = server.add_secure_port(address, _credentials(s))
+            else:
+                self.port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot listen on {address}: {exc}") from exc
+        if self.port == 0:
+            raise ConfigError(f"cannot listen on {address} (in use, or not a local address)")
+        try:
+            self._metrics_server, _ = start_http_server(
+                s.metrics_port, addr=s.host, registry=self.registry
+            )
+        except OSError as exc:
+            server.stop(None)
+            raise ConfigError(
+                f"cannot serve metrics on {s.host}:{s.metrics_port}: {exc.strerror or exc}"
+            ) from exc
+        self.metrics_port = self._metrics_server.server_port
+        server.start()
+        self._server = server
+        for service in ("", INFERENCE_SERVICE, GUARD_SERVICE):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "serving %s on %s:%d (metrics on :%d/metrics), provider %s, mode %s",
+            ", ".join(m.name for m in self.models),
+            s.host,
+            self.port,
+            self.metrics_port,
+            self.models[0].classifier.provider,
+            s.mode,
+        )
+
+    def stop(self, grace: float | None = None) -> None:
+        """Health to NOT_SERVING, refuse new requests, let in-flight ones finish within
+        ``grace`` seconds, finish queued background checks, close the metrics port."""
+        grace = self.settings.grace_seconds if grace is None else grace
+        self._draining.set()
+        self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            self._server.stop(grace).wait()
+        self.plane.close(timeout=grace)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        log.info("stopped")
+
+    def wait(self) -> None:
+        if self._server is not None:
+            self._server.wait_for_termination()
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+
+
+def _credentials(s: ServeSettings) -> grpc.ServerCredentials:
+    assert s.tls_cert is not None and s.tls_key is not None
+    pair = (_read(s.tls_key, "TLS key"), _read(s.tls_cert, "TLS certificate"))
+    client_ca = _read(s.tls_client_ca, "client CA bundle") if s.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
