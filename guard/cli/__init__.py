@@ -2,6 +2,7 @@
 
 import typer
 
+from guard.cli.audit import audit
 from guard.cli.calibrate import calibrate
 from guard.cli.client import client
 from guard.cli.common import guarded
@@ -16,6 +17,7 @@ app = typer.Typer(
 app.command()(guarded(explain))
 app.command("demo")(guarded(run_demo))
 app.command()(guarded(calibrate))
+app.command()(guarded(audit))
 app.command()(guarded(serve))
 app.command()(guarded(client))
 
