@@ -34,6 +34,7 @@ _CODES: list[tuple[type[GuardError], grpc.StatusCode]] = [
     (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
 ]
 
+_NO_DEADLINE = 10 * 365 * 24 * 3600.0  # seconds; longer than any real deadline
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 Handler = Callable[[Any, Request, grpc.ServicerContext], Response]
@@ -50,7 +51,10 @@ def status_of(error: GuardError) -> grpc.StatusCode:
 def deadline_of(context: grpc.ServicerContext) -> float | None:
     """The client's deadline as a ``time.monotonic()`` instant (None: no deadline)."""
     remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
+    # Without a deadline grpc reports None or an "infinite" number of seconds.
+    if remaining is None or remaining > _NO_DEADLINE:
+        return None
+    return time.monotonic() + remaining
 
 
 class Servicer:

@@ -94,16 +94,16 @@ def decode_input(
             )
         return np.frombuffer(raw, dtype=dtype).reshape(shape)
     field = _CONTENTS_FIELD.get(datatype)
-    values = getattr(tensor.contents, field) if field else ()
-    if len(values) == 0:
-        raise InvalidInputError(
-            f"input {name!r} has no data: send raw_input_contents or contents.{field or '(raw only)'}"
-        )
     others = [f for f in _ALL_FIELDS if f != field and len(getattr(tensor.contents, f))]
     if others:
         raise InvalidInputError(
             f"input {name!r} of datatype {datatype} carries values in {', '.join(others)}; "
-            f"use contents.{field}"
+            f"use {f'contents.{field}' if field else 'raw_input_contents'}"
+        )
+    values = getattr(tensor.contents, field) if field else ()
+    if len(values) == 0:
+        raise InvalidInputError(
+            f"input {name!r} has no data: send raw_input_contents or contents.{field or '(raw only)'}"
         )
     if len(values) != count:
         raise InvalidInputError(
