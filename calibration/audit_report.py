@@ -127,6 +127,15 @@ def _matrix(title: str, names: list[str], values: list[list[float | None]],
     return lines
 
 
+def _baseline(engine: dict[str, Any]) -> str:
+    b = engine.get("baseline") or {}
+    if b.get("kind") == "constant":
+        return f"constant {b.get('value')}"
+    if b.get("kind") == "channel":
+        return f"per-channel {b.get('channels')}"
+    return f"{b.get('kind')} (sigma {b.get('sigma')})"
+
+
 def _markdown(s: dict[str, Any], outcomes: list[ModelOutcome]) -> str:
     names = [m["name"] for m in s["models"]]
     engine = s["engine"]
@@ -135,7 +144,7 @@ def _markdown(s: dict[str, Any], outcomes: list[ModelOutcome]) -> str:
         "",
         f"{len(names)} model(s), {s['n_items']} labelled items ({s['n_matched']} explained by every "
         f"model), significance level {s['level']}; engine: iters {engine.get('iters')}, seed "
-        f"{engine.get('seed')}, chunk {engine.get('chunk_size')}, baseline {engine.get('baseline')}."
+        f"{engine.get('seed')}, chunk {engine.get('chunk_size')}, baseline {_baseline(engine)}."
         + (f" Object masks: `{s['masks']}`." if s["masks"] else " No object masks."),
         "",
         "## Ranking",

@@ -85,6 +85,13 @@ def summarise(
         ],  # fmt: skip
         "notes": [],
     }
+    for m in doc["models"]:
+        if (m["degenerate_fraction"] or 0) > 0.5:
+            doc["notes"].append(
+                f"{m['degenerate_fraction']:.0%} of {m['name']}'s MPSs are degenerate (empty or one "
+                "chunk): its area figures say little about where it looks; another --baseline or "
+                "a smaller --chunk-size may tell more."
+            )
     if len(outcomes) < 2:
         doc["notes"].append(
             "One model only: the per-model tables are given; the tests and overlaps that "
