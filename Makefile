@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench models demo-calibration calibration-textures clean
+.PHONY: demo test lint bench models demo-calibration calibration-textures audit-example clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ calibration-textures: $(STAMP)  ## calibrate the 64x64 texture CNN on corrupted 
 	$(BIN)/guard calibrate benchmarks/models/textures_shifted.npz \
 		--model benchmarks/models/textures_cnn.onnx --classes benchmarks/models/textures_classes.json \
 		--out out/textures-calibration/calibration.json --report out/textures-calibration/report
+
+audit-example: $(STAMP)  ## compare the three shapes models by their MPSs, report in out/audit-shapes
+	$(BIN)/guard audit --model benchmarks/models/shapes_cnn.onnx \
+		--model benchmarks/models/shapes_gapcnn.onnx --model benchmarks/models/shapes_cnn_small.onnx \
+		--data benchmarks/models/shapes_heldout.npz --report out/audit-shapes
 
 models: $(STAMP)  ## re-train the demo and benchmark models (needs the train extra: torch)
 	$(BIN)/pip install --quiet -e '.[dev,train]'
