@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -134,14 +135,31 @@ class ServeProcess:
                 break
         if not self.port:
             self.process.wait(timeout=30)
+            self.process.stderr.close()
             raise RuntimeError("guard serve did not start:\n" + "".join(self.lines))
+        # Keep reading: a child whose stderr pipe fills up would block on its next log line.
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line)
 
     def finish(self, timeout: float = 60) -> tuple[int, str]:
         """Wait for the exit; the exit code and everything it wrote to stderr."""
-        rest, _ = self.process.communicate(timeout=timeout)
-        return self.process.returncode, "".join(self.lines) + rest
+        self.process.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        self._close()
+        return self.process.returncode, "".join(self.lines)
+
+    def _close(self) -> None:
+        if self.process.stderr is not None and not self._reader.is_alive():
+            self.process.stderr.close()
 
     def kill(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
-            self.process.communicate(timeout=30)
+            self.process.wait(timeout=30)
+            self._reader.join(timeout=10)
+        self._close()
