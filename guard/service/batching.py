@@ -163,8 +163,12 @@ class BackgroundQueue(Generic[T]):
     def close(self, timeout: float | None = None) -> int:
         """Stop taking items, finish the queued ones within ``timeout``; how many were left."""
         self._stopping = True
-        self._queue.put(_STOP)  # blocks only while full, and the worker is draining it
-        self._worker.join(timeout)
+        ends = None if timeout is None else time.monotonic() + timeout
+        try:
+            self._queue.put(_STOP, timeout=timeout)  # waits only while full and draining
+        except queue.Full:
+            return self._queue.qsize()
+        self._worker.join(None if ends is None else max(0.0, ends - time.monotonic()))
         return max(0, self._queue.qsize() - 1) if self._worker.is_alive() else 0
 
     def _run(self) -> None:
