@@ -36,7 +36,9 @@ def strict(node: Any) -> Any:
 
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    source = f"cloudcoil-models-prometheus-operator {version('cloudcoil.models.prometheus_operator')}"
+    source = (
+        f"cloudcoil-models-prometheus-operator {version('cloudcoil.models.prometheus_operator')}"
+    )
     for kind in (v1.PodMonitor, v1.ServiceMonitor):
         schema = strict(kind.model_json_schema(by_alias=True))
         schema["$comment"] = f"{kind.__name__} monitoring.coreos.com/v1, from {source}, strict"
