@@ -35,6 +35,7 @@ def serve(
     ] = None,
     batch_wait_ms: Annotated[float | None, Opt(help="longest wait to share a batch [2]")] = None,
     max_batch_items: Annotated[int | None, Opt(help="most items explained together [32]")] = None,
+    explain_workers: Annotated[int | None, Opt(help="threads computing shared batches [2]")] = None,
     max_concurrency: Annotated[
         int | None, Opt(help="requests at once; more get RESOURCE_EXHAUSTED [64]")
     ] = None,

@@ -48,6 +48,7 @@ class SharedExplainer:
         *,
         max_items: int,
         max_wait: float,
+        workers: int = 1,
         on_batch: Callable[[int], None] = lambda items: None,
     ) -> None:
         self._explain = explain
@@ -55,9 +56,13 @@ class SharedExplainer:
         self._max_wait = max_wait
         self._on_batch = on_batch
         self._queue: queue.Queue[object] = queue.Queue()
-        self._carry: _Job | None = None  # the job that did not fit into the previous batch
-        self._worker = threading.Thread(target=self._run, name="guard-shared-explain", daemon=True)
-        self._worker.start()
+        # Several workers: while one waits on the model, another can fill its next batch.
+        self._workers = [
+            threading.Thread(target=self._run, name=f"guard-shared-explain-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for worker in self._workers:
+            worker.start()
 
     def explain(self, images: np.ndarray, deadline: float | None = None) -> list[MpsResult]:
         """MPSs of ``images``, computed together with other callers' items."""
@@ -71,23 +76,25 @@ class SharedExplainer:
             raise DeadlineExceededError("the deadline passed while the MPS was computed") from None
 
     def close(self, timeout: float | None = None) -> None:
-        self._queue.put(_STOP)
-        self._worker.join(timeout)
+        ends = None if timeout is None else time.monotonic() + timeout
+        for _ in self._workers:
+            self._queue.put(_STOP)  # one each: a worker exits on the first it takes
+        for worker in self._workers:
+            worker.join(None if ends is None else max(0.0, ends - time.monotonic()))
 
     def _run(self) -> None:
+        carry: object | None = None  # the job that did not fit into this worker's last batch
         while True:
-            batch, stop = self._collect()
-            if batch:
-                self._explain_jobs(batch)
-            if stop:
+            first = carry if carry is not None else self._queue.get()
+            if first is _STOP:
                 return
+            assert isinstance(first, _Job)
+            batch, carry = self._collect(first)
+            self._explain_jobs(batch)
 
-    def _collect(self) -> tuple[list[_Job], bool]:
-        first = self._carry if self._carry is not None else self._queue.get()
-        self._carry = None
-        if first is _STOP:
-            return [], True
-        assert isinstance(first, _Job)
+    def _collect(self, first: _Job) -> tuple[list[_Job], object | None]:
+        """``first`` and the jobs arriving within the wait, up to ``max_items``; and the next
+        queue entry when it did not fit (a job, or a stop for this worker)."""
         jobs, items = [first], len(first.images)
         closes = time.monotonic() + self._max_wait
         while items < self._max_items:
@@ -95,15 +102,12 @@ class SharedExplainer:
                 nxt = self._queue.get(timeout=max(0.0, closes - time.monotonic()))
             except queue.Empty:
                 break
-            if nxt is _STOP:
-                return jobs, True
+            if nxt is _STOP or items + len(nxt.images) > self._max_items:  # type: ignore[attr-defined]
+                return jobs, nxt
             assert isinstance(nxt, _Job)
-            if items + len(nxt.images) > self._max_items:
-                self._carry = nxt
-                break
             jobs.append(nxt)
             items += len(nxt.images)
-        return jobs, False
+        return jobs, None
 
     def _explain_jobs(self, jobs: list[_Job]) -> None:
         live = []

@@ -124,6 +124,7 @@ class _Served:
                 self.engine.explain_batch,
                 max_items=settings.max_batch_items,
                 max_wait=settings.batch_wait_ms / 1000.0,
+                workers=settings.explain_workers,
                 on_batch=on_batch,
             )
             if settings.share_model_calls

@@ -1,0 +1,212 @@
+"""Load generator against a running sidecar: throughput, latency and memory by mode and sharing.
+
+For each configuration (sync/async x shared model calls on/off) it starts ``guard serve`` on
+the demo model as a child process, warms it up, then runs 1, 4 and 16 concurrent clients for
+a fixed duration each, every client sending one-item ModelInfer requests (held-out digits)
+back to back. It reports requests per second, p50/p99 latency, errors, checks completed per
+second (from the server's own metrics), and the server's resident memory before and after.
+
+    python benchmarks/bench_serve.py [--duration 10] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from guard import demo  # noqa: E402
+from guard.transport.grpc.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc  # noqa: E402
+from tests.serving import (  # noqa: E402
+    LOOPBACK,
+    ServeProcess,
+    infer_request,
+    scrape,
+    value,
+    wait_for,
+)
+
+MODEL = "digits_cnn"
+CONFIGS = [("sync", True), ("sync", False), ("async", True), ("async", False)]
+
+
+@dataclass
+class Row:
+    mode: str
+    shared: bool
+    clients: int
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    checks_per_s: float
+    skipped: int
+    rss_before_mb: float
+    rss_after_mb: float
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def drive(port: int, input_name: str, images: np.ndarray, clients: int, duration: float):
+    """``clients`` threads sending one-item requests for ``duration`` s; latencies and errors."""
+    channel = grpc.insecure_channel(f"{LOOPBACK}:{port}")
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    requests = [infer_request(MODEL, input_name, image[None]) for image in images]
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    ends = time.monotonic() + duration
+
+    def client(k: int) -> None:
+        mine, i = [], k
+        while time.monotonic() < ends:
+            started = time.perf_counter()
+            try:
+                stub.ModelInfer(requests[i % len(requests)], timeout=60)
+                mine.append(time.perf_counter() - started)
+            except grpc.RpcError:
+                with lock:
+                    errors[0] += 1
+            i += clients
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    channel.close()
+    return np.array(latencies), errors[0]
+
+
+def bench_config(mode: str, shared: bool, levels: list[int], duration: float) -> list[Row]:
+    x = np.load(demo.DEMO_HELDOUT, allow_pickle=False)["x"][:200]
+    server = ServeProcess(
+        "--port", "0", "--metrics-port", "0", "--mode", mode, "--no-log-verdicts",
+        "--share-model-calls" if shared else "--no-share-model-calls",
+    )  # fmt: skip
+    rows = []
+    try:
+        import onnx
+
+        input_name = onnx.load(str(demo.DEMO_MODEL)).graph.input[0].name
+        drive(server.port, input_name, x, 4, 2.0)  # warm-up
+        for clients in levels:
+            metrics = scrape(server.metrics_port)
+            checked0 = value(metrics, "guard_checked_predictions_total", model=MODEL)
+            skipped0 = value(
+                metrics, "guard_skipped_checks_total", model=MODEL, reason="queue_full"
+            )
+            before = rss_mb(server.process.pid)
+            started = time.perf_counter()
+            latencies, errors = drive(server.port, input_name, x, clients, duration)
+            if mode == "async":  # checks per second include finishing what the queue accepted
+                wait_for(
+                    lambda: (
+                        value(scrape(server.metrics_port), "guard_queue_depth", model=MODEL) == 0
+                    ),
+                    timeout=120,
+                )
+            checking_seconds = time.perf_counter() - started
+            metrics = scrape(server.metrics_port)
+            checked = value(metrics, "guard_checked_predictions_total", model=MODEL) - checked0
+            skipped = value(metrics, "guard_skipped_checks_total", model=MODEL, reason="queue_full")
+            rows.append(
+                Row(
+                    mode=mode,
+                    shared=shared,
+                    clients=clients,
+                    requests_per_s=len(latencies) / duration,
+                    p50_ms=float(np.percentile(latencies, 50) * 1000) if len(latencies) else 0,
+                    p99_ms=float(np.percentile(latencies, 99) * 1000) if len(latencies) else 0,
+                    errors=errors,
+                    checks_per_s=checked / checking_seconds,
+                    skipped=int(skipped - skipped0),
+                    rss_before_mb=before,
+                    rss_after_mb=rss_mb(server.process.pid),
+                )
+            )
+            print(
+                f"  {mode:5} shared={shared!s:5} clients={clients:2}: {rows[-1].requests_per_s:7.1f} req/s",
+                file=sys.stderr,
+            )
+    finally:
+        server.process.terminate()
+        server.finish()
+    return rows
+
+
+def table(rows: list[Row]) -> str:
+    lines = [
+        "| mode | shared calls | clients | req/s | p50 ms | p99 ms | errors | checks/s | skipped | RSS MB before -> after |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.mode} | {'yes' if r.shared else 'no'} | {r.clients} | {r.requests_per_s:.1f} | "
+            f"{r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.errors} | {r.checks_per_s:.1f} | {r.skipped} | "
+            f"{r.rss_before_mb:.0f} -> {r.rss_after_mb:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def ratios(rows: list[Row]) -> str:
+    """Shared over unshared throughput, per mode and client count, from the same run."""
+    by = {(r.mode, r.shared, r.clients): r for r in rows}
+    lines = [
+        "| mode | clients | req/s shared / unshared | p99 shared / unshared |",
+        "|---|---:|---:|---:|",
+    ]
+    for mode, _ in CONFIGS[::2]:
+        for clients in sorted({r.clients for r in rows}):
+            a, b = by.get((mode, True, clients)), by.get((mode, False, clients))
+            if a and b and b.requests_per_s and b.p99_ms:
+                lines.append(
+                    f"| {mode} | {clients} | {a.requests_per_s / b.requests_per_s:.2f}x | "
+                    f"{a.p99_ms / b.p99_ms:.2f}x |"
+                )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per level")
+    parser.add_argument("--clients", default="1,4,16", help="concurrency levels")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args()
+    levels = [int(c) for c in args.clients.split(",")]
+    rows = [
+        row for mode, shared in CONFIGS for row in bench_config(mode, shared, levels, args.duration)
+    ]
+    print(
+        f"Sidecar load test: demo model, {args.duration:g} s per level, {os.cpu_count()} CPUs, {platform.machine()}"
+    )
+    print()
+    print(table(rows))
+    print()
+    print(ratios(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
+
+
+if __name__ == "__main__":
+    main()
