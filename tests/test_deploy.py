@@ -8,6 +8,7 @@ import importlib.metadata
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,9 @@ CRD_SCHEMAS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): K8S
     / "schemas"
     / "servicemonitor-monitoring-v1.json",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): K8S
+    / "schemas"
+    / "prometheusrule-monitoring-v1.json",
 }
 # The guard's own settings, as environment variables (GUARD_METRICS_PORT, ...).
 SETTINGS_ENV = {f"GUARD_{name.upper()}" for name in ServeSettings.model_fields}
@@ -115,6 +119,28 @@ def test_rules_use_only_metrics_the_sidecar_exports() -> None:
     used = {name for expr in _rule_expressions() for name in METRIC_NAME.findall(expr)}
     assert used
     assert used - exported == set()
+
+
+def test_prometheus_operator_rule_manifest(tmp_path: Path) -> None:
+    """deploy/scripts/prometheusrule.py wraps both rule files into a valid PrometheusRule."""
+    done = subprocess.run(
+        [sys.executable, str(DEPLOY / "scripts" / "prometheusrule.py"), "--label", "release=x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    manifest = yaml.safe_load(done.stdout)
+    _validate(manifest, "prometheusrule.py")
+    assert manifest["metadata"]["labels"] == {"release": "x"}
+    groups = [g for path in RULE_FILES for g in yaml.safe_load(path.read_text())["groups"]]
+    assert manifest["spec"]["groups"] == groups
+    # What the operator hands to Prometheus passes promtool too.
+    path = tmp_path / "operator-rules.yaml"
+    path.write_text(yaml.safe_dump(manifest["spec"]))
+    checked = promtool("check", "rules", path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 # --- Grafana dashboard -----------------------------------------------------------------------

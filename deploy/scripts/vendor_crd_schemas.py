@@ -1,8 +1,9 @@
-"""Writes the JSON schemas of the Prometheus Operator's PodMonitor and ServiceMonitor into
-deploy/k8s/schemas/, for validating the manifests offline (tests/test_deploy.py).
+"""Writes the JSON schemas of the Prometheus Operator's PodMonitor, ServiceMonitor and
+PrometheusRule into deploy/k8s/schemas/, for validating the manifests offline
+(tests/test_deploy.py).
 
 kubernetes-validate ships the schemas of Kubernetes' own kinds but none of custom resources.
-These two come from the PyPI package cloudcoil-models-prometheus-operator (pydantic models
+These come from the PyPI package cloudcoil-models-prometheus-operator (pydantic models
 generated from the operator's CRDs, v0.80.1), made strict like kubernetes-validate's
 ``--strict``: an object with declared properties rejects undeclared ones. Re-make them with
 
@@ -39,7 +40,7 @@ def main() -> None:
     source = (
         f"cloudcoil-models-prometheus-operator {version('cloudcoil.models.prometheus_operator')}"
     )
-    for kind in (v1.PodMonitor, v1.ServiceMonitor):
+    for kind in (v1.PodMonitor, v1.ServiceMonitor, v1.PrometheusRule):
         schema = strict(kind.model_json_schema(by_alias=True))
         schema["$comment"] = f"{kind.__name__} monitoring.coreos.com/v1, from {source}, strict"
         path = OUT / f"{kind.__name__.lower()}-monitoring-v1.json"
