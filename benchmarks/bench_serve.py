@@ -64,6 +64,22 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def _settled(metrics_port: int, before: dict) -> bool:
+    """Every prediction since ``before`` has been checked or skipped."""
+    now = scrape(metrics_port)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(now, name, model=MODEL, **labels) - value(before, name, model=MODEL, **labels)
+
+    return delta("guard_predictions_total") == delta("guard_checked_predictions_total") + delta(
+        "guard_skipped_checks_total", reason="queue_full"
+    )
+
+
+def _wait_settled(metrics_port: int, before: dict) -> None:
+    wait_for(lambda: _settled(metrics_port, before), timeout=300, what="background checks")
+
+
 def drive(port: int, input_name: str, images: np.ndarray, clients: int, duration: float):
     """``clients`` threads sending one-item requests for ``duration`` s; latencies and errors."""
     channel = grpc.insecure_channel(f"{LOOPBACK}:{port}")
@@ -108,23 +124,20 @@ def bench_config(mode: str, shared: bool, levels: list[int], duration: float) ->
         import onnx
 
         input_name = onnx.load(str(demo.DEMO_MODEL)).graph.input[0].name
+        before = scrape(server.metrics_port)
         drive(server.port, input_name, x, 4, 2.0)  # warm-up
+        _wait_settled(server.metrics_port, before)
         for clients in levels:
-            metrics = scrape(server.metrics_port)
+            metrics = before = scrape(server.metrics_port)
             checked0 = value(metrics, "guard_checked_predictions_total", model=MODEL)
             skipped0 = value(
                 metrics, "guard_skipped_checks_total", model=MODEL, reason="queue_full"
             )
-            before = rss_mb(server.process.pid)
+            rss_before = rss_mb(server.process.pid)
             started = time.perf_counter()
             latencies, errors = drive(server.port, input_name, x, clients, duration)
             if mode == "async":  # checks per second include finishing what the queue accepted
-                wait_for(
-                    lambda: (
-                        value(scrape(server.metrics_port), "guard_queue_depth", model=MODEL) == 0
-                    ),
-                    timeout=120,
-                )
+                _wait_settled(server.metrics_port, before)
             checking_seconds = time.perf_counter() - started
             metrics = scrape(server.metrics_port)
             checked = value(metrics, "guard_checked_predictions_total", model=MODEL) - checked0
@@ -140,7 +153,7 @@ def bench_config(mode: str, shared: bool, levels: list[int], duration: float) ->
                     errors=errors,
                     checks_per_s=checked / checking_seconds,
                     skipped=int(skipped - skipped0),
-                    rss_before_mb=before,
+                    rss_before_mb=rss_before,
                     rss_after_mb=rss_mb(server.process.pid),
                 )
             )

@@ -17,7 +17,7 @@ import numpy as np
 
 from guard.algorithm.extraction import PrefixSearch, rank_pixels
 from guard.algorithm.landscape import Landscapes, combine_runs
-from guard.errors import ConfigError
+from guard.errors import ConfigError, DeadlineExceededError
 from guard.runtime.spec import ModelSpec
 from guard.settings import EngineSettings
 
@@ -62,9 +62,12 @@ class MpsResult:
 class _Accounting:
     """Model evaluations and calls per image of a batch."""
 
-    def __init__(self, evaluator: MutantEvaluator, images: int, max_batch_size: int) -> None:
+    def __init__(
+        self, evaluator: MutantEvaluator, images: int, max_batch_size: int, deadline: float | None
+    ) -> None:
         self.evaluator = evaluator
         self.max_batch_size = max_batch_size
+        self.deadline = deadline
         self.evaluations = np.zeros(images, dtype=np.int64)
         self.calls = np.zeros(images, dtype=np.int64)
 
@@ -73,6 +76,8 @@ class _Accounting:
     ) -> tuple[np.ndarray, np.ndarray]:
         classes, confidences = [], []
         for start in range(0, len(masks), self.max_batch_size):
+            if self.deadline is not None and time.monotonic() >= self.deadline:
+                raise DeadlineExceededError("the deadline passed while the MPS was computed")
             part = slice(start, start + self.max_batch_size)
             c, p = self.evaluator.evaluate(images, baselines, masks[part], index[part])
             classes.append(c)
@@ -101,12 +106,16 @@ class MpsEngine:
                 f"the model input has {channels} channels"
             )
 
-    def explain(self, image: np.ndarray) -> MpsResult:
+    def explain(self, image: np.ndarray, deadline: float | None = None) -> MpsResult:
         """The MPS of one input (model layout, without the batch axis)."""
-        return self.explain_batch(np.asarray(image)[None])[0]
+        return self.explain_batch(np.asarray(image)[None], deadline)[0]
 
-    def explain_batch(self, images: np.ndarray) -> list[MpsResult]:
-        """MPSs of a batch [M, *input_shape]; the images share every model call."""
+    def explain_batch(self, images: np.ndarray, deadline: float | None = None) -> list[MpsResult]:
+        """MPSs of a batch [M, *input_shape]; the images share every model call.
+
+        ``deadline`` (a ``time.monotonic()`` instant) stops the work between model calls with
+        ``DeadlineExceededError`` once it has passed.
+        """
         started = time.perf_counter()
         spec, s = self.evaluator.spec, self.settings
         images = self.evaluator.check_images(images)
@@ -114,7 +123,7 @@ class MpsEngine:
         if count == 0:
             return []
         baselines = np.stack([s.baseline.image(image, spec.channel_axis) for image in images])
-        books = _Accounting(self.evaluator, count, s.max_batch_size)
+        books = _Accounting(self.evaluator, count, s.max_batch_size, deadline)
         shape = (spec.height, spec.width)
 
         # The originals and their all-baseline versions, in one call.

@@ -131,3 +131,15 @@ def test_provider_is_reported(demo_classifier: MaskedClassifier) -> None:
         demo.DEMO_MODEL, demo_classifier.options.model_copy(update={"provider": "cpu"})
     )
     assert cpu.provider == "CPUExecutionProvider"
+
+
+def test_a_passed_deadline_stops_the_work(demo_classifier, heldout) -> None:  # noqa: ANN001
+    import time
+
+    from guard.errors import DeadlineExceededError
+
+    engine = MpsEngine(demo_classifier, EngineSettings(iters=2))
+    with pytest.raises(DeadlineExceededError):
+        engine.explain(heldout[0][0], deadline=time.monotonic() - 1)
+    later = engine.explain(heldout[0][0], deadline=time.monotonic() + 60)
+    assert later.mps_area_fraction == engine.explain(heldout[0][0]).mps_area_fraction

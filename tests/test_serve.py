@@ -38,7 +38,7 @@ IMAGES = sorted(demo.DEMO_IMAGES.glob("*.png"))
 
 @pytest.fixture(scope="module")
 def sidecar() -> Iterator[Sidecar]:
-    with running_sidecar(batch_wait_ms=5) as server:
+    with running_sidecar(share_model_calls=True, batch_wait_ms=5) as server:
         yield server
 
 

@@ -117,7 +117,7 @@ def test_half_sampling_checks_about_half() -> None:
 
 def test_concurrent_requests_share_model_calls(heldout: tuple[np.ndarray, np.ndarray]) -> None:
     x = heldout[0][:8]
-    with running_sidecar(batch_wait_ms=300, max_batch_items=8) as sidecar:
+    with running_sidecar(share_model_calls=True, batch_wait_ms=300, max_batch_items=8) as sidecar:
         barrier = threading.Barrier(8)
         with GuardClient(f"{LOOPBACK}:{sidecar.port}") as client:
 

@@ -31,7 +31,7 @@ def serve(
     sample_rate: Annotated[float | None, Opt(help="share of items checked, 0-1 [1]")] = None,
     queue_size: Annotated[int | None, Opt(help="background queue of async mode [256]")] = None,
     share_model_calls: Annotated[
-        bool | None, Opt(help="concurrent requests share model calls [yes]")
+        bool | None, Opt(help="concurrent requests share model calls [on CUDA only]")
     ] = None,
     batch_wait_ms: Annotated[float | None, Opt(help="longest wait to share a batch [2]")] = None,
     max_batch_items: Annotated[int | None, Opt(help="most items explained together [32]")] = None,

@@ -127,7 +127,7 @@ class _Served:
                 workers=settings.explain_workers,
                 on_batch=on_batch,
             )
-            if settings.share_model_calls
+            if _shares(settings, model)
             else None
         )
         self.on_batch = on_batch
@@ -136,9 +136,16 @@ class _Served:
     def explain(self, images: np.ndarray, deadline: float | None) -> list[MpsResult]:
         if self.shared is not None:
             return self.shared.explain(images, deadline)
-        results = self.engine.explain_batch(images)
+        results = self.engine.explain_batch(images, deadline)
         self.on_batch(len(results))
         return results
+
+
+def _shares(settings: ServeSettings, model: GuardedModel) -> bool:
+    """Whether concurrent requests share model calls: as set, else where it pays (CUDA)."""
+    if settings.share_model_calls is not None:
+        return settings.share_model_calls
+    return model.classifier.provider == "CUDAExecutionProvider"
 
 
 class DataPlane:

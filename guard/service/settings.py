@@ -49,8 +49,10 @@ class ServeSettings(BaseSettings):
     )
     sample_rate: float = Field(default=1.0, ge=0.0, le=1.0, description="share of items checked")
     queue_size: int = Field(default=256, ge=1, description="background queue (async mode)")
-    share_model_calls: bool = Field(
-        default=True, description="compute concurrent requests' MPSs in shared model calls"
+    share_model_calls: bool | None = Field(
+        default=None,
+        description="compute concurrent requests' MPSs in shared model calls "
+        "(default: on with CUDA, off on CPU, where it measured no faster)",
     )
     batch_wait_ms: float = Field(
         default=2.0, ge=0.0, le=1000.0, description="longest wait for requests to share a batch"
