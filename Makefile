@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench models demo-calibration calibration-textures audit-example clean
+.PHONY: demo pictures test lint bench bench-serve models demo-calibration calibration-textures audit-example clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,7 +12,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)  ## explain the bundled demo images, pictures in out/demo
+demo: $(STAMP)  ## the sidecar on the demo model (gRPC :50051, metrics :9464) until Ctrl-C
+	$(BIN)/guard serve
+
+pictures: $(STAMP)  ## explain the bundled demo images, pictures in out/demo
 	$(BIN)/guard demo --out out/demo
 
 test: $(STAMP)  ## the test suite
@@ -24,6 +27,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)  ## engine vs model-only floor vs rex-xai (installs rex-xai in its own venv)
 	$(BIN)/python benchmarks/bench_engine.py --json benchmarks/results/latest.json
+
+bench-serve: $(STAMP)  ## load test of the sidecar: sync/async x shared calls, 1/4/16 clients
+	$(BIN)/python benchmarks/bench_serve.py --json benchmarks/results/serve.json
 
 demo-calibration: $(STAMP)  ## re-make the demo model's shipped calibration from its held-out split
 	$(BIN)/guard calibrate guard/demo/heldout.npz --out guard/demo/calibration.json --score combined \
