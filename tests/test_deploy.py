@@ -5,6 +5,7 @@ install script. The end-to-end run with a real Prometheus is in test_e2e_prometh
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import json
 import re
 import subprocess
@@ -20,7 +21,9 @@ from prometheus_client import CollectorRegistry
 
 from guard.service.metrics import GuardMetrics
 from guard.service.settings import ServeSettings
+from tests.certs import make_pki
 from tests.prometheus_tools import DEPLOY, ROOT, promtool
+from tests.serving import running_sidecar
 
 PROMETHEUS = DEPLOY / "prometheus"
 RULE_FILES = (PROMETHEUS / "rules.yaml", PROMETHEUS / "alerts.yaml")
@@ -407,3 +410,30 @@ def test_install_script_installs_a_working_guard(tmp_path: Path) -> None:
         timeout=60,
     )
     assert probe.returncode == 1 and "unhealthy" in probe.stderr
+
+
+def _healthcheck_main() -> Any:
+    spec = importlib.util.spec_from_file_location("guard_healthcheck", DOCKER / "healthcheck.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_health_probe_plain_and_mutual_tls(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    probe = _healthcheck_main()
+    with running_sidecar() as sidecar:
+        assert probe(["--address", f"127.0.0.1:{sidecar.port}"]) == 0
+        assert probe(["--address", f"127.0.0.1:{sidecar.port}", "--service", "inference.GRPCInferenceService"]) == 0  # fmt: skip
+        assert capsys.readouterr().out.split() == ["serving", "serving"]
+    assert probe(["--address", f"127.0.0.1:{sidecar.port}", "--timeout", "1"]) == 1
+    pki = make_pki(tmp_path)
+    tls = {"tls_cert": pki.server_cert, "tls_key": pki.server_key, "tls_client_ca": pki.ca}
+    with running_sidecar(**tls) as sidecar:
+        address = ["--address", f"localhost:{sidecar.port}", "--tls-ca", str(pki.ca)]
+        client = ["--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key)]
+        assert probe([*address, *client]) == 0
+        assert probe([*address, "--timeout", "2"]) == 1  # no client certificate
+    assert "unhealthy" in capsys.readouterr().err
