@@ -62,6 +62,7 @@ __all__ = [
     "HeldoutMetrics",
     "MannWhitneyResult",
     "ModelInfo",
+    "SCORE_REASON",
     "ScoreKind",
     "ScoreMetrics",
     "Verdict",
@@ -80,7 +81,7 @@ SCHEMA_VERSION = 1
 ScoreKind = Literal["mps", "msp", "combined"]
 Reason = Literal["ok", "suspicious_mps_area", "low_confidence", "suspicious_combined", "myopic_mps"]
 COMBINED_FEATURES = ("logit_mps_area", "confidence", "margin")
-_SCORE_REASON: dict[str, Reason] = {
+SCORE_REASON: dict[str, Reason] = {
     "mps": "suspicious_mps_area",
     "msp": "low_confidence",
     "combined": "suspicious_combined",
@@ -428,7 +429,7 @@ class Detector(_Strict):
             myopic = p_small < p_score
         flagged = p_value <= self.alpha
         reason = np.where(
-            flagged, np.where(myopic, "myopic_mps", _SCORE_REASON[self.score_kind]), "ok"
+            flagged, np.where(myopic, "myopic_mps", SCORE_REASON[self.score_kind]), "ok"
         )
         return Verdicts(
             score=score, p_value=p_value, flagged=flagged, reason=reason.astype(np.str_)

@@ -21,6 +21,7 @@ from typing import Literal
 
 import numpy as np
 
+from calibration.artifact import SCORE_REASON
 from guard.engine import MpsEngine, MpsResult
 from guard.errors import DeadlineExceededError, OverloadedError, UnknownModelError
 from guard.runtime.classifier import Prediction
@@ -182,10 +183,11 @@ class DataPlane:
                 queue_capacity=settings.queue_size if settings.mode == "async" else 0,
                 drift=served.drift,
             )
-            reasons = {"mps": "suspicious_mps_area", "msp": "low_confidence"}
-            metrics.flagged.labels(
-                model.name, reasons.get(detector.score_kind, "suspicious_combined")
-            )
+            # Zero series for the reasons this calibration can give, so rates exist from start.
+            reasons = [SCORE_REASON[detector.score_kind]]
+            reasons += ["myopic_mps"] if detector.flag_small_tail else []
+            for reason in reasons:
+                metrics.flagged.labels(model.name, reason)
             metrics.skipped.labels(model.name, "queue_full")
 
     # -- lookup -------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from guard.service.data_plane import DataPlane
 from guard.transport.grpc import tensors
 from guard.transport.grpc.generated.guard.v1 import guard_pb2 as pb
 from guard.transport.grpc.generated.guard.v1 import guard_pb2_grpc as pb_grpc
+from guard.transport.grpc.generated.inference import grpc_predict_v2_pb2 as oip
 from guard.transport.grpc.status import Servicer, deadline_of, rpc
 
 
@@ -82,7 +83,7 @@ class GuardServicer(pb_grpc.GuardServiceServicer, Servicer):
         shape = list(tensor.shape)
         if len(shape) == len(spec.input_shape):
             shape = [1, *shape]
-        as_oip = tensors.pb.ModelInferRequest.InferInputTensor(
+        as_oip = oip.ModelInferRequest.InferInputTensor(
             name="tensor", datatype=tensor.datatype, shape=shape
         )
         batch = tensors.decode_input(
