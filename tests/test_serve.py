@@ -243,6 +243,11 @@ def test_metrics_are_scraped_and_parsed(sidecar: Sidecar, stub, input_name: str,
     checked = value(after, "guard_checked_predictions_total", model=MODEL)
     assert value(after, "guard_mps_area_drift_window_items", model=MODEL) == min(checked, 500)
     assert 0 <= value(after, "guard_mps_area_drift", model=MODEL) <= 1
+    quantiles = [
+        value(after, "guard_calibration_mps_area_quantile", model=MODEL, quantile=q)
+        for q in ("0.1", "0.5", "0.9")
+    ]
+    assert 0 < quantiles[0] <= quantiles[1] <= quantiles[2] <= 1
 
 
 def test_verdicts_are_logged_as_json_lines(

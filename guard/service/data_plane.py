@@ -182,6 +182,7 @@ class DataPlane:
                 alpha=detector.alpha,
                 queue_capacity=settings.queue_size if settings.mode == "async" else 0,
                 drift=served.drift,
+                area_reference=model.calibration.area_reference,
             )
             # Zero series for the reasons this calibration can give, so rates exist from start.
             reasons = [SCORE_REASON[detector.score_kind]]

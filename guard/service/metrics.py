@@ -7,6 +7,9 @@ The alerting rules and the dashboard in deploy/ are written against exactly thes
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from guard.service.drift import DriftMonitor
@@ -16,6 +19,8 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 # MPS area is a fraction of the image; the paper's areas span about 0.1% to 100%.
 AREA_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# The quantiles the dashboard overlays on the served areas' own (from the histogram).
+CALIBRATION_QUANTILES = (0.1, 0.5, 0.9)
 
 
 class GuardMetrics:
@@ -116,6 +121,12 @@ class GuardMetrics:
             ["model"],
             registry=registry,
         )
+        self.calibration_area = Gauge(
+            "guard_calibration_mps_area_quantile",
+            "Quantiles of the calibration's MPS areas: what the served areas are compared with.",
+            ["model", "quantile"],
+            registry=registry,
+        )
         self.drift_items = Gauge(
             "guard_mps_area_drift_window_items",
             "Recent MPS areas in the drift window.",
@@ -140,6 +151,7 @@ class GuardMetrics:
         alpha: float,
         queue_capacity: int,
         drift: DriftMonitor | None,
+        area_reference: Sequence[float] | None,
     ) -> None:
         """Static facts of a served model, and the drift gauges read at scrape time."""
         self.info.labels(model=model).info(
@@ -148,6 +160,11 @@ class GuardMetrics:
         self.alpha.labels(model=model).set(alpha)
         self.queue_capacity.labels(model=model).set(queue_capacity)
         self.queue_depth.labels(model=model).set(0)
+        if area_reference:
+            for q in CALIBRATION_QUANTILES:
+                self.calibration_area.labels(model=model, quantile=str(q)).set(
+                    float(np.quantile(area_reference, q))
+                )
         if drift is not None:
             self.drift.labels(model=model).set_function(drift.distance)
             self.drift_items.labels(model=model).set_function(drift.items)
