@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from guard.errors import DeadlineExceededError
-from guard.service.batching import BackgroundQueue, SharedExplainer
+from guard.service.batching import BackgroundQueue, BoundedExplainer, SharedExplainer
 from guard.service.drift import DriftMonitor, ks_distance
 
 
@@ -73,6 +73,41 @@ def test_shared_explainer_gives_up_at_the_deadline() -> None:
         shared.explain(np.zeros((1, 3)), deadline=time.monotonic() + 0.05)
     assert shared.explain(np.ones((1, 3))) == [3.0]
     shared.close(timeout=5)
+
+
+def test_bounded_explainer_runs_at_most_workers_at_once_and_waits_within_the_deadline() -> None:
+    lock, running, peak = threading.Lock(), [0], [0]
+
+    def explain(images: np.ndarray, deadline: float | None) -> list[float]:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return [float(image.sum()) for image in images]
+
+    bounded = BoundedExplainer(explain, workers=2)  # type: ignore[arg-type]
+    answers: dict[int, list[float]] = {}
+    threads = [
+        threading.Thread(
+            target=lambda i=i: answers.update({i: bounded.explain(np.full((1, 2), i))})
+        )
+        for i in range(8)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert answers == {i: [2.0 * i] for i in range(8)} and peak[0] == 2
+
+    slow = BoundedExplainer(lambda images, deadline: time.sleep(0.5) or [0.0], workers=1)  # type: ignore[arg-type]
+    holder = threading.Thread(target=slow.explain, args=(np.zeros((1, 2)),))
+    holder.start()
+    time.sleep(0.05)
+    with pytest.raises(DeadlineExceededError, match="waiting"):
+        slow.explain(np.zeros((1, 2)), deadline=time.monotonic() + 0.05)
+    holder.join()
 
 
 def test_background_queue_never_blocks_and_drains_on_close() -> None:

@@ -1,5 +1,5 @@
-"""Work queues of the data plane: MPSs of concurrent requests in shared model calls, and the
-bounded background queue of async mode.
+"""Work queues of the data plane: MPSs of concurrent requests in shared model calls or at most
+a few at once in their own, and the bounded background queue of async mode.
 
 Both hand the engine several items at once: ``MpsEngine.explain_batch`` puts the mutants of
 all of them into the same model calls, and each item's MPS is the same as when computed alone
@@ -129,6 +129,30 @@ class SharedExplainer:
         for job in live:
             job.future.set_result(results[start : start + len(job.images)])
             start += len(job.images)
+
+
+class BoundedExplainer:
+    """Each caller's MPSs in its own engine call, at most ``workers`` at once; the others wait
+    within their deadline.
+
+    More at once than the cores can run only contend for them, and each holds its own model
+    activations in the model runtime's memory arena, which never shrinks.
+    """
+
+    def __init__(
+        self, explain: Callable[[np.ndarray, float | None], list[MpsResult]], *, workers: int
+    ) -> None:
+        self._explain = explain
+        self._slots = threading.BoundedSemaphore(workers)
+
+    def explain(self, images: np.ndarray, deadline: float | None = None) -> list[MpsResult]:
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self._slots.acquire(timeout=timeout):
+            raise DeadlineExceededError("the deadline passed while waiting to compute the MPS")
+        try:
+            return self._explain(images, deadline)
+        finally:
+            self._slots.release()
 
 
 class BackgroundQueue(Generic[T]):

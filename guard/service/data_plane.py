@@ -25,7 +25,7 @@ from calibration.artifact import SCORE_REASON
 from guard.engine import MpsEngine, MpsResult
 from guard.errors import DeadlineExceededError, OverloadedError, UnknownModelError
 from guard.runtime.classifier import Prediction
-from guard.service.batching import BackgroundQueue, SharedExplainer
+from guard.service.batching import BackgroundQueue, BoundedExplainer, SharedExplainer
 from guard.service.drift import DriftMonitor
 from guard.service.guarded_model import GuardedModel
 from guard.service.metrics import GuardMetrics
@@ -132,12 +132,13 @@ class _Served:
             else None
         )
         self.on_batch = on_batch
+        self.own = BoundedExplainer(self.engine.explain_batch, workers=settings.explain_workers)
         self.background: BackgroundQueue[_Pending] | None = None
 
     def explain(self, images: np.ndarray, deadline: float | None) -> list[MpsResult]:
         if self.shared is not None:
             return self.shared.explain(images, deadline)
-        results = self.engine.explain_batch(images, deadline)
+        results = self.own.explain(images, deadline)
         self.on_batch(len(results))
         return results
 

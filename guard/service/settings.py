@@ -58,7 +58,11 @@ class ServeSettings(BaseSettings):
         default=2.0, ge=0.0, le=1000.0, description="longest wait for requests to share a batch"
     )
     explain_workers: int = Field(
-        default=2, ge=1, le=64, description="threads computing shared MPS batches"
+        default=2,
+        ge=1,
+        le=64,
+        description="MPS computations at once: threads computing shared batches, or requests "
+        "computing their own when calls are not shared",
     )
     max_batch_items: int = Field(
         default=32, ge=1, description="most items whose MPSs are computed together"
