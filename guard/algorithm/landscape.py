@@ -39,9 +39,12 @@ COMBINATION_BITS = (
 # For job slot s, the other slots (kept in full while s is split).
 _OTHER_SLOTS = np.array([[1, 2], [0, 2], [0, 1]])
 _MASK64 = (1 << 64) - 1
+_NEVER = np.iinfo(np.int64).max  # the visible area of a mutant that did not pass
 _SLOT_NUMBERS = np.arange(1, JOB_SLOTS + 1, dtype=np.uint64)
 # Children as picks from (row0, row1, col0, col1, cut row, cut col) of the split box.
 _CHILD_FIELDS = np.array([[0, 4, 2, 5], [0, 4, 5, 3], [4, 1, 2, 5], [4, 1, 5, 3]])
+# Child bits of a pixel by its row and column: children 0 1 / 2 3 are top, bottom, left, right.
+_TOP, _BOTTOM, _LEFT, _RIGHT = (np.uint8(b) for b in (0b0011, 0b1100, 0b0101, 0b1010))
 
 
 def child_weights(form: ResponsibilityForm) -> np.ndarray:
@@ -116,13 +119,18 @@ def mutant_masks(children: np.ndarray, others: np.ndarray, height: int, width: i
     ``children`` [P, 4, 4] are each box's children, ``others`` [P, 2, 4] the job's other boxes
     (kept whole; empty rectangles where the job has fewer). Each pixel gets a 4-bit code: bit c
     for child c, all bits for the other boxes; mutant m keeps the pixels whose code shares a bit
-    with ``COMBINATION_BITS[m]``. Two byte-wide passes instead of one mask per rectangle.
+    with ``COMBINATION_BITS[m]``. The children tile the box as a 2x2 grid, so a pixel's child
+    bit is its row's bits (top: children 0 and 1, bottom: 2 and 3) and its column's (left: 0
+    and 2, right: 1 and 3): one byte-wide pass for the children, one for the other boxes.
     """
     count = len(children)
-    rows, cols = _indicators(children, height, width)
-    code = np.zeros((count, height, width), dtype=np.uint8)
-    for c in range(4):
-        code |= (rows[:, c, :, None] & cols[:, c, None, :]) * np.uint8(1 << c)
+    rows, cols = np.arange(height), np.arange(width)
+    top_left, bottom_right = children[:, 0], children[:, 3]
+    row_bits = np.where(rows < bottom_right[:, 0:1], _TOP, _BOTTOM)
+    row_bits[(rows < top_left[:, 0:1]) | (rows >= bottom_right[:, 1:2])] = 0
+    col_bits = np.where(cols < bottom_right[:, 2:3], _LEFT, _RIGHT)
+    col_bits[(cols < top_left[:, 2:3]) | (cols >= bottom_right[:, 3:4])] = 0
+    code = row_bits[:, :, None] & col_bits[:, None, :]
     rows, cols = _indicators(others, height, width)
     code[(rows[..., :, None] & cols[..., None, :]).any(axis=1)] = 0b1111
     kept = (code.reshape(count, 1, height * width) & COMBINATION_BITS[None, :, None]) != 0
@@ -212,7 +220,7 @@ class Landscapes:
         job_area = (self.job[..., 1] - self.job[..., 0]) * (self.job[..., 3] - self.job[..., 2])
         static_area = (job_area * in_job).sum(axis=1) - job_area[rows, last]
         visible = child_area @ _COMBINATIONS_INT.T + static_area[:, None]
-        visible = np.where(last_verdicts, visible, np.iinfo(np.int64).max)
+        visible = np.where(last_verdicts, visible, _NEVER)
         chosen = visible.argmin(axis=1)
         padded = np.concatenate([children, np.zeros((runs, 1, 4), dtype=np.int64)], axis=1)
         self.job = padded[rows[:, None], KEPT_INDEX[chosen]]

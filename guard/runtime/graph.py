@@ -5,6 +5,8 @@ mask, the index of its image; it returns N top-1 classes and confidences. So a d
 images once plus masks, and returns two numbers per mutant:
 
     x = Where(mask[i], images[index[i]], baselines[index[i]]) -> model -> softmax -> top-1
+
+With one image (the common case) the masks broadcast against it and nothing is gathered.
 """
 
 from __future__ import annotations
@@ -73,16 +75,23 @@ def compose_masked_model(
             numpy_helper.from_array(np.array(mask_shape, dtype=np.int64), "mps_guard_mask_shape"),
             numpy_helper.from_array(np.array([-1], dtype=np.int64), "mps_guard_flat"),
             numpy_helper.from_array(np.array([1], dtype=np.int64), "mps_guard_k"),
+            numpy_helper.from_array(np.array(0, dtype=np.int64), "mps_guard_zero"),
+            numpy_helper.from_array(np.array(1, dtype=np.int64), "mps_guard_one"),
         ]
     )
     before = [
-        helper.make_node("Gather", [IMAGES, IMAGE_INDEX], ["mps_guard_g_images"], axis=0),
-        helper.make_node("Gather", [BASELINES, IMAGE_INDEX], ["mps_guard_g_baselines"], axis=0),
         helper.make_node("Reshape", [MASKS, "mps_guard_mask_shape"], ["mps_guard_mask"]),
+        helper.make_node("Shape", [IMAGES], ["mps_guard_images_shape"]),
         helper.make_node(
-            "Where",
-            ["mps_guard_mask", "mps_guard_g_images", "mps_guard_g_baselines"],
+            "Gather", ["mps_guard_images_shape", "mps_guard_zero"], ["mps_guard_image_count"]
+        ),
+        helper.make_node("Equal", ["mps_guard_image_count", "mps_guard_one"], ["mps_guard_single"]),
+        helper.make_node(
+            "If",
+            ["mps_guard_single"],
             [spec.input_name],
+            then_branch=_masking_branch(elem_type, gather=False),
+            else_branch=_masking_branch(elem_type, gather=True),
         ),
     ]
     scores = "mps_guard_scores"
@@ -124,6 +133,27 @@ def compose_masked_model(
         ]
     )
     return composed
+
+
+def _masking_branch(elem_type: int, gather: bool) -> onnx.GraphProto:
+    """``Where(mask, images, baselines)`` per mutant: one image broadcasts over all masks;
+    several are first gathered to one per mask, which costs two more copies of the batch."""
+    suffix = "many" if gather else "one"
+    sources, nodes = [IMAGES, BASELINES], []
+    if gather:
+        sources = ["mps_guard_g_images", "mps_guard_g_baselines"]
+        nodes = [
+            helper.make_node("Gather", [IMAGES, IMAGE_INDEX], [sources[0]], axis=0),
+            helper.make_node("Gather", [BASELINES, IMAGE_INDEX], [sources[1]], axis=0),
+        ]
+    output = f"mps_guard_masked_{suffix}"
+    nodes.append(helper.make_node("Where", ["mps_guard_mask", *sources], [output]))
+    return helper.make_graph(
+        nodes,
+        f"mps_guard_{suffix}_image",
+        [],
+        [helper.make_tensor_value_info(output, elem_type, None)],
+    )
 
 
 def make_batch_dynamic(model: onnx.ModelProto, spec: ModelSpec) -> onnx.ModelProto:
