@@ -69,7 +69,9 @@ def _settled(metrics_port: int, before: dict) -> bool:
     now = scrape(metrics_port)
 
     def delta(name: str, **labels: str) -> float:
-        return value(now, name, model=MODEL, **labels) - value(before, name, model=MODEL, **labels)
+        return value(now, name, 0.0, model=MODEL, **labels) - value(
+            before, name, 0.0, model=MODEL, **labels
+        )
 
     return delta("guard_predictions_total") == delta("guard_checked_predictions_total") + delta(
         "guard_skipped_checks_total", reason="queue_full"
@@ -129,7 +131,7 @@ def bench_config(mode: str, shared: bool, levels: list[int], duration: float) ->
         _wait_settled(server.metrics_port, before)
         for clients in levels:
             metrics = before = scrape(server.metrics_port)
-            checked0 = value(metrics, "guard_checked_predictions_total", model=MODEL)
+            checked0 = value(metrics, "guard_checked_predictions_total", 0.0, model=MODEL)
             skipped0 = value(
                 metrics, "guard_skipped_checks_total", model=MODEL, reason="queue_full"
             )
@@ -140,7 +142,7 @@ def bench_config(mode: str, shared: bool, levels: list[int], duration: float) ->
                 _wait_settled(server.metrics_port, before)
             checking_seconds = time.perf_counter() - started
             metrics = scrape(server.metrics_port)
-            checked = value(metrics, "guard_checked_predictions_total", model=MODEL) - checked0
+            checked = value(metrics, "guard_checked_predictions_total", 0.0, model=MODEL) - checked0
             skipped = value(metrics, "guard_skipped_checks_total", model=MODEL, reason="queue_full")
             rows.append(
                 Row(

@@ -42,3 +42,7 @@ class OverloadedError(GuardError):
 
 class DeadlineExceededError(GuardError):
     """The client's deadline passed before the work was done."""
+
+
+class UnavailableError(GuardError):
+    """The server is shutting down; the client may retry (on another replica)."""

@@ -90,8 +90,16 @@ def scrape(metrics_port: int) -> dict[str, dict[tuple[tuple[str, str], ...], flo
     return samples
 
 
-def value(samples: dict, name: str, **labels: str) -> float:
-    return samples.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
+def value(samples: dict, name: str, default: float | None = None, **labels: str) -> float:
+    """The sample ``name{labels}``; a missing one fails the test unless ``default`` is given."""
+    found = samples.get(name, {}).get(tuple(sorted(labels.items())))
+    if found is None:
+        if default is None:
+            raise AssertionError(
+                f"no sample {name}{labels} (series: {sorted(samples.get(name, {}))})"
+            )
+        return default
+    return found
 
 
 def wait_for(condition: Any, timeout: float = 20.0, what: str = "condition") -> None:

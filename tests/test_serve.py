@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from typer.testing import CliRunner
 
 from calibration.artifact import load_artifact, score_prediction
 from guard import demo
+from guard.cli import app
 from guard.engine import MpsEngine
 from guard.runtime import MaskedClassifier
 from guard.settings import EngineSettings
@@ -218,7 +222,7 @@ def test_metrics_are_scraped_and_parsed(sidecar: Sidecar, stub, input_name: str,
     after = scrape(sidecar.metrics_port)
 
     def delta(name: str, **labels: str) -> float:
-        return value(after, name, **labels) - value(before, name, **labels)
+        return value(after, name, **labels) - value(before, name, 0.0, **labels)
 
     assert delta("guard_requests_total", model=MODEL, rpc="ModelInfer", outcome="ok") == 1
     assert (
@@ -260,3 +264,38 @@ def test_verdicts_are_logged_as_json_lines(
     records = [json.loads(r.getMessage()) for r in caplog.records if r.name == "guard.verdicts"]
     assert [(r["request_id"], r["item"]) for r in records] == [("logged", 0), ("logged", 1)]
     assert all(r["event"] == "verdict" and r["model"] == MODEL for r in records)
+
+
+def test_guard_client_prints_verdicts_and_reports_each_bad_file(
+    sidecar: Sidecar, tmp_path: Path
+) -> None:
+    runner, server = CliRunner(), f"{LOOPBACK}:{sidecar.port}"
+    good = demo.DEMO_IMAGES / "digit3_45.png"
+    broken, missing = tmp_path / "broken.png", tmp_path / "missing.png"
+    broken.write_bytes(b"not an image")
+    result = runner.invoke(
+        app, ["client", str(broken), str(good), str(missing), "--server", server]
+    )
+    assert result.exit_code == 1, result.output
+    assert result.stdout.startswith(f"{good}: class 3 '3', confidence ")
+    assert f"{broken}: INVALID_ARGUMENT" in result.stderr and f"{missing}: " in result.stderr
+
+    result = runner.invoke(app, ["client", str(good), "--server", server, "--json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["path"] == str(good) and record["predicted_class"] == 3
+    assert 0 < record["mps_area_fraction"] < 1 and record["model_evaluations"] > 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--tls-cert", "c.pem"], "give both or neither"),
+        (["--tls-cert", "c.pem", "--tls-key", "k.pem"], "needs TLS"),
+        (["--tls-ca", "missing-ca.pem"], "cannot read the CA bundle missing-ca.pem"),
+    ],
+)
+def test_guard_client_refuses_incomplete_tls_settings(flags: list[str], message: str) -> None:
+    good = demo.DEMO_IMAGES / "digit3_45.png"
+    result = CliRunner().invoke(app, ["client", str(good), *flags])
+    assert result.exit_code == 2 and message in result.stderr, result.output

@@ -69,10 +69,16 @@ def test_async_answers_at_once_and_checks_in_the_background(
 
 
 def test_a_full_background_queue_skips_items_and_counts_them(
-    heldout: tuple[np.ndarray, np.ndarray],
+    heldout: tuple[np.ndarray, np.ndarray], slow_engine: Path
 ) -> None:
     x = heldout[0][:32]
-    with running_sidecar(mode="async", queue_size=1, max_batch_items=1) as sidecar:
+    with running_sidecar(
+        mode="async",
+        queue_size=1,
+        max_batch_items=1,
+        engine_settings=slow_engine,
+        allow_engine_mismatch=True,
+    ) as sidecar:
         stub = inference_stub(sidecar)
         started = time.perf_counter()
         response = stub.ModelInfer(infer_request(MODEL, _input_name(sidecar), x))
@@ -81,14 +87,16 @@ def test_a_full_background_queue_skips_items_and_counts_them(
         assert not checked.any()
         samples = scrape(sidecar.metrics_port)
         skipped = value(samples, "guard_skipped_checks_total", model=MODEL, reason="queue_full")
-        # 32 items into a queue of one: most are dropped, and the request did not wait for them.
+        # 32 items into a queue of one: most are dropped, and the request did not wait for
+        # them (each check takes seconds).
         assert 20 <= skipped <= 31
-        assert answered < 1.0
+        assert answered < 5.0
         wait_for(
             lambda: (
                 value(scrape(sidecar.metrics_port), "guard_checked_predictions_total", model=MODEL)
                 == 32 - skipped
             ),
+            timeout=60,
             what="the queued items' checks",
         )
 
@@ -118,7 +126,7 @@ def test_half_sampling_checks_about_half() -> None:
 def test_concurrent_requests_share_model_calls(heldout: tuple[np.ndarray, np.ndarray]) -> None:
     x = heldout[0][:8]
     with running_sidecar(
-        share_model_calls=True, batch_wait_ms=300, max_batch_items=8, explain_workers=1
+        share_model_calls=True, batch_wait_ms=1000, max_batch_items=8, explain_workers=1
     ) as sidecar:
         barrier = threading.Barrier(8)
         with GuardClient(f"{LOOPBACK}:{sidecar.port}") as client:
@@ -137,7 +145,7 @@ def test_concurrent_requests_share_model_calls(heldout: tuple[np.ndarray, np.nda
         with GuardClient(f"{LOOPBACK}:{sidecar.port}") as client:
             alone = [client.explain(image) for image in x]
         alone_calls = value(scrape(sidecar.metrics_port), "guard_model_calls_total", model=MODEL)
-    assert items == 8 and batches == 1
+    assert items == 8 and batches <= 2  # all eight arrive within the wait, but CI is slow
     assert calls < alone_calls / 2  # the eight MPSs shared most of their model calls
     for a, b in zip(shared, alone, strict=True):
         assert (a.mps_area_fraction, a.score, a.flagged) == (
@@ -149,16 +157,20 @@ def test_concurrent_requests_share_model_calls(heldout: tuple[np.ndarray, np.nda
 
 @pytest.fixture(scope="module")
 def slow_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Engine settings that make each MPS take long (many runs), allowed as a mismatch."""
+    """Engine settings that make each MPS take seconds (many runs), allowed as a mismatch."""
     directory = tmp_path_factory.mktemp("slow")
-    return write_engine_settings(directory, demo.DEMO_CALIBRATION, iters=400)
+    return write_engine_settings(directory, demo.DEMO_CALIBRATION, iters=1000)
 
 
-def test_client_deadline_is_honoured(slow_engine: Path) -> None:
+def test_client_deadline_is_honoured(
+    slow_engine: Path, heldout: tuple[np.ndarray, np.ndarray]
+) -> None:
     with running_sidecar(engine_settings=slow_engine, allow_engine_mismatch=True) as sidecar:
-        with GuardClient(f"{LOOPBACK}:{sidecar.port}", timeout=0.2) as client:
+        # Long enough to reach the server on a slow machine, far shorter than the MPS of a
+        # digit (seconds here).
+        with GuardClient(f"{LOOPBACK}:{sidecar.port}", timeout=1.0) as client:
             with pytest.raises(grpc.RpcError) as error:
-                client.explain(np.zeros((1, 32, 32), np.float32))
+                client.explain(heldout[0][0])
             assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         wait_for(
             lambda: (

@@ -143,7 +143,10 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path: Path) -> No
     finally:
         server.kill()
     assert code == 0, log
-    assert "draining in-flight requests" in log and "stopped" in log
+    assert "SIGTERM: draining in-flight requests" in log and "stopped" in log
+    # The requests were still running when the signal came: their verdicts follow it.
+    draining = log.index("draining in-flight requests")
+    assert log.count('"event": "verdict"', draining) == 4, log
 
 
 def test_tls_and_mutual_tls(tmp_path: Path) -> None:

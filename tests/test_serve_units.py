@@ -41,7 +41,7 @@ class _Recorder:
         self.batches: list[int] = []
         self.delay = delay
 
-    def __call__(self, images: np.ndarray) -> list[float]:
+    def __call__(self, images: np.ndarray, deadline: float | None = None) -> list[float]:
         time.sleep(self.delay)
         self.batches.append(len(images))
         return [float(image.sum()) for image in images]
@@ -49,7 +49,7 @@ class _Recorder:
 
 def test_shared_explainer_batches_concurrent_callers_and_returns_each_its_own() -> None:
     recorder = _Recorder()
-    shared = SharedExplainer(recorder, max_items=6, max_wait=0.3)  # type: ignore[arg-type]
+    shared = SharedExplainer(recorder, max_items=6, max_wait=1.0)  # type: ignore[arg-type]
     barrier = threading.Barrier(4)
     answers: dict[int, list[float]] = {}
 
@@ -82,7 +82,7 @@ def test_bounded_explainer_runs_at_most_workers_at_once_and_waits_within_the_dea
         with lock:
             running[0] += 1
             peak[0] = max(peak[0], running[0])
-        time.sleep(0.05)
+        time.sleep(0.2)
         with lock:
             running[0] -= 1
         return [float(image.sum()) for image in images]
@@ -101,12 +101,20 @@ def test_bounded_explainer_runs_at_most_workers_at_once_and_waits_within_the_dea
         t.join()
     assert answers == {i: [2.0 * i] for i in range(8)} and peak[0] == 2
 
-    slow = BoundedExplainer(lambda images, deadline: time.sleep(0.5) or [0.0], workers=1)  # type: ignore[arg-type]
-    holder = threading.Thread(target=slow.explain, args=(np.zeros((1, 2)),))
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(images: np.ndarray, deadline: float | None) -> list[float]:
+        entered.set()
+        release.wait(10)
+        return [0.0]
+
+    busy = BoundedExplainer(hold, workers=1)  # type: ignore[arg-type]
+    holder = threading.Thread(target=busy.explain, args=(np.zeros((1, 2)),))
     holder.start()
-    time.sleep(0.05)
+    assert entered.wait(10)
     with pytest.raises(DeadlineExceededError, match="waiting"):
-        slow.explain(np.zeros((1, 2)), deadline=time.monotonic() + 0.05)
+        busy.explain(np.zeros((1, 2)), deadline=time.monotonic() + 0.05)
+    release.set()
     holder.join()
 
 

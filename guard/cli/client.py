@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -25,7 +25,6 @@ def client(
 ) -> None:
     """Send each image to a running ``guard serve`` and print its verdict."""
     import grpc
-    from google.protobuf.json_format import MessageToDict
 
     from guard.transport.grpc.client import GuardClient, channel
 
@@ -44,12 +43,7 @@ def client(
                 print_error(f"{path}: {exc.code().name}: {exc.details()}")
                 continue
             if as_json:
-                record = MessageToDict(
-                    answer,
-                    preserving_proto_field_name=True,
-                    always_print_fields_with_no_presence=True,
-                )
-                print(json.dumps({"path": str(path), **record}))
+                print(json.dumps({"path": str(path), **_record(answer)}))
                 continue
             name = f" {answer.predicted_name!r}" if answer.predicted_name else ""
             verdict = f"FLAGGED ({answer.reason})" if answer.flagged else "ok"
@@ -62,3 +56,19 @@ def client(
             )
     if failed:
         raise typer.Exit(EXIT_INPUT_ERRORS)
+
+
+def _record(answer: Any) -> dict[str, Any]:
+    """The response as JSON values; 64-bit integers as numbers, not the protobuf mapping's
+    strings."""
+    from google.protobuf.descriptor import FieldDescriptor
+    from google.protobuf.json_format import MessageToDict
+
+    record = MessageToDict(
+        answer, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    wide = (FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT64)
+    for field in answer.DESCRIPTOR.fields:
+        if field.cpp_type in wide and field.label != FieldDescriptor.LABEL_REPEATED:
+            record[field.name] = getattr(answer, field.name)
+    return record

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,6 +15,7 @@ from guard.errors import ConfigError
 from guard.service.settings import ServeSettings
 
 Opt = typer.Option
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def serve(
@@ -35,7 +35,9 @@ def serve(
     ] = None,
     batch_wait_ms: Annotated[float | None, Opt(help="longest wait to share a batch [2]")] = None,
     max_batch_items: Annotated[int | None, Opt(help="most items explained together [32]")] = None,
-    explain_workers: Annotated[int | None, Opt(help="threads computing shared batches [2]")] = None,
+    explain_workers: Annotated[
+        int | None, Opt(help="MPSs computed at once (shared batches or own requests) [2]")
+    ] = None,
     max_concurrency: Annotated[
         int | None, Opt(help="requests at once; more get RESOURCE_EXHAUSTED [64]")
     ] = None,
@@ -64,25 +66,30 @@ def serve(
     """Serve a guarded classifier over gRPC (Open Inference Protocol and guard.v1), with
     Prometheus metrics. Every option can also be set as GUARD_<OPTION> in the environment."""
     given = {k: v for k, v in locals().items() if v is not None}
+    # The stop signals are blocked in this thread and every thread started from here on, and
+    # taken by sigwait below: one arriving during start-up waits for it, none interrupts a
+    # thread holding a lock.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     from guard.transport.grpc.server import Sidecar  # grpc is imported only to serve
 
     settings = _settings(given)
     _configure_logging(settings.log_level)
     sidecar = Sidecar(settings)
     sidecar.start()
-
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda number, frame: stop.set())
     print(
         f"guard: serving {', '.join(m.name for m in sidecar.models)} on "
         f"{settings.host}:{sidecar.port}, metrics on :{sidecar.metrics_port}/metrics",
         file=sys.stderr,
         flush=True,
     )
-    stop.wait()
+    received = signal.sigwait(_STOP_SIGNALS)
+    for signum in _STOP_SIGNALS:  # a second signal ends the process at once
+        signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     logging.getLogger(__name__).info(
-        "stopping: draining in-flight requests (up to %.0f s)", settings.grace_seconds
+        "%s: draining in-flight requests (up to %.0f s)",
+        signal.Signals(received).name,
+        settings.grace_seconds,
     )
     sidecar.stop()
 
@@ -110,3 +117,4 @@ def _configure_logging(level: str) -> None:
     json_handler.setFormatter(logging.Formatter("%(message)s"))
     verdicts.handlers[:] = [json_handler]
     verdicts.propagate = False
+    verdicts.setLevel(logging.INFO)  # --no-log-verdicts turns them off, not the log level

@@ -20,7 +20,7 @@ from typing import Generic, TypeVar
 import numpy as np
 
 from guard.engine import MpsResult
-from guard.errors import DeadlineExceededError
+from guard.errors import DeadlineExceededError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class SharedExplainer:
 
     def __init__(
         self,
-        explain: Callable[[np.ndarray], list[MpsResult]],
+        explain: Callable[[np.ndarray, float | None], list[MpsResult]],
         *,
         max_items: int,
         max_wait: float,
@@ -56,6 +56,10 @@ class SharedExplainer:
         self._max_wait = max_wait
         self._on_batch = on_batch
         self._queue: queue.Queue[object] = queue.Queue()
+        # Held while a job is queued and while closing starts: no job lands behind the stop
+        # markers, where no worker would ever take it.
+        self._admission = threading.Lock()
+        self._closed = False
         # Several workers: while one waits on the model, another can fill its next batch.
         self._workers = [
             threading.Thread(target=self._run, name=f"guard-shared-explain-{i}", daemon=True)
@@ -67,7 +71,10 @@ class SharedExplainer:
     def explain(self, images: np.ndarray, deadline: float | None = None) -> list[MpsResult]:
         """MPSs of ``images``, computed together with other callers' items."""
         job = _Job(images, deadline)
-        self._queue.put(job)
+        with self._admission:
+            if self._closed:
+                raise UnavailableError("the server is shutting down")
+            self._queue.put(job)
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
             return job.future.result(timeout=timeout)
@@ -76,11 +83,22 @@ class SharedExplainer:
             raise DeadlineExceededError("the deadline passed while the MPS was computed") from None
 
     def close(self, timeout: float | None = None) -> None:
+        """Finish the queued jobs within ``timeout``; callers of jobs left then get
+        ``UnavailableError`` instead of waiting on."""
         ends = None if timeout is None else time.monotonic() + timeout
-        for _ in self._workers:
-            self._queue.put(_STOP)  # one each: a worker exits on the first it takes
+        with self._admission:
+            self._closed = True
+            for _ in self._workers:
+                self._queue.put(_STOP)  # one each: a worker exits on the first it takes
         for worker in self._workers:
             worker.join(None if ends is None else max(0.0, ends - time.monotonic()))
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(job, _Job) and job.future.set_running_or_notify_cancel():
+                job.future.set_exception(UnavailableError("the server shut down"))
 
     def _run(self) -> None:
         carry: object | None = None  # the job that did not fit into this worker's last batch
@@ -118,8 +136,11 @@ class SharedExplainer:
                 job.future.set_exception(DeadlineExceededError("the deadline passed in the queue"))
         if not live:
             return
+        # The batch may run until the last caller stops waiting (no deadline: to the end).
+        deadlines = [job.deadline for job in live]
+        deadline = None if None in deadlines else max(deadlines)  # type: ignore[type-var]
         try:
-            results = self._explain(np.concatenate([job.images for job in live]))
+            results = self._explain(np.concatenate([job.images for job in live]), deadline)
         except BaseException as exc:  # noqa: BLE001 - every waiting caller gets the error
             for job in live:
                 job.future.set_exception(exc)
@@ -164,40 +185,47 @@ class BackgroundQueue(Generic[T]):
         *,
         capacity: int,
         max_batch: int,
-        on_depth: Callable[[int], None] = lambda depth: None,
+        on_failure: Callable[[int], None] = lambda items: None,
     ) -> None:
         self._process = process
         self._max_batch = max_batch
-        self._on_depth = on_depth
+        self._on_failure = on_failure
         self._queue: queue.Queue[object] = queue.Queue(maxsize=capacity)
+        # Held while an item is queued and while closing starts, so that no item lands behind
+        # the stop marker, where it would be neither checked nor counted as dropped.
+        self._admission = threading.Lock()
         self._stopping = False
+        self._marker_queued = False
         self._worker = threading.Thread(target=self._run, name="guard-background", daemon=True)
         self._worker.start()
 
     def submit(self, item: T) -> bool:
         """Queue ``item``; False (and nothing queued) when the queue is full or closing."""
-        if self._stopping:
-            return False
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
-            return False
-        self._on_depth(self._queue.qsize())
+        with self._admission:
+            if self._stopping:
+                return False
+            try:
+                self._queue.put_nowait(item)
+            except queue.Full:
+                return False
         return True
 
     def depth(self) -> int:
-        return self._queue.qsize()
+        """Items waiting (the stop marker is not one; it is the last entry ever queued)."""
+        return max(0, self._queue.qsize() - int(self._marker_queued))
 
     def close(self, timeout: float | None = None) -> int:
         """Stop taking items, finish the queued ones within ``timeout``; how many were left."""
-        self._stopping = True
+        with self._admission:
+            self._stopping = True
         ends = None if timeout is None else time.monotonic() + timeout
         try:
             self._queue.put(_STOP, timeout=timeout)  # waits only while full and draining
         except queue.Full:
             return self._queue.qsize()
+        self._marker_queued = True
         self._worker.join(None if ends is None else max(0.0, ends - time.monotonic()))
-        return max(0, self._queue.qsize() - 1) if self._worker.is_alive() else 0
+        return self.depth() if self._worker.is_alive() else 0
 
     def _run(self) -> None:
         while True:
@@ -213,11 +241,11 @@ class BackgroundQueue(Generic[T]):
                 except queue.Empty:
                     break
                 stop = item is _STOP
-            self._on_depth(self._queue.qsize())
             if batch:
                 try:
                     self._process(batch)
                 except Exception:  # noqa: BLE001 - a failed batch must not stop the worker
                     log.exception("background check of %d item(s) failed", len(batch))
+                    self._on_failure(len(batch))
             if stop:
                 return

@@ -165,12 +165,11 @@ class DataPlane:
         for model in models:
             served = _Served(model, settings, metrics)
             if settings.mode == "async":
-                depth = metrics.queue_depth.labels(model=model.name).set
                 served.background = BackgroundQueue(
                     lambda batch, served=served: self._check_background(served, batch),
                     capacity=settings.queue_size,
                     max_batch=settings.max_batch_items,
-                    on_depth=depth,
+                    on_failure=metrics.skipped.labels(model.name, "error").inc,
                 )
             self._served[model.name] = served
             detector = model.calibration.detector
@@ -184,19 +183,26 @@ class DataPlane:
                 queue_capacity=settings.queue_size if settings.mode == "async" else 0,
                 drift=served.drift,
                 area_reference=model.calibration.area_reference,
+                queue_depth=served.background.depth if served.background else None,
             )
-            # Zero series for the reasons this calibration can give, so rates exist from start.
+            # Zero series for the flag reasons this calibration can give and for every skip
+            # reason, so that rates exist from the start.
             reasons = [SCORE_REASON[detector.score_kind]]
             reasons += ["myopic_mps"] if detector.flag_small_tail else []
             for reason in reasons:
                 metrics.flagged.labels(model.name, reason)
-            metrics.skipped.labels(model.name, "queue_full")
+            for skip in ("not_sampled", "queue_full", "deadline", "error"):
+                metrics.skipped.labels(model.name, skip)
 
     # -- lookup -------------------------------------------------------------------------------
 
     @property
     def models(self) -> list[GuardedModel]:
         return [served.model for served in self._served.values()]
+
+    def label(self, name: str) -> str:
+        """``name`` as a metric label: a served model's name, else "unknown" (bounded labels)."""
+        return name if name in self._served else "unknown"
 
     def model(self, name: str, version: str = "") -> GuardedModel:
         """The served model called ``name`` (version empty or the one served)."""
@@ -241,10 +247,7 @@ class DataPlane:
         started = time.perf_counter()
         served = self._lookup(model_name, version)
         model, name = served.model, served.model.name
-        prediction = model.predict(images)
-        predicted = time.perf_counter()
-        self.metrics.predictions.labels(model=name).inc(len(images))
-        self.metrics.stage_seconds.labels(model=name, stage="predict").observe(predicted - started)
+        prediction, predicted = self._predict(served, images, started)
 
         sampled = [self._sampled() for _ in range(len(images))]
         status: list[CheckStatus] = ["not_sampled"] * len(images)
@@ -256,7 +259,7 @@ class DataPlane:
                 pending = _Pending(
                     request_id,
                     i,
-                    images[i],
+                    images[i].copy(),  # not a view that keeps the whole request alive
                     float(prediction.confidences[i]),
                     float(prediction.margins[i]),
                 )
@@ -275,9 +278,7 @@ class DataPlane:
             )
             for i, check in zip(chosen, found, strict=True):
                 status[i], checks[i] = "checked", check
-        finished = time.perf_counter()
-        self.metrics.stage_seconds.labels(model=name, stage="total").observe(finished - started)
-        timings = Timings(predicted - started, finished - predicted, finished - started)
+        timings = self._finish(served, started, predicted)
         return Inference(model, prediction, status, checks, timings)
 
     def explain(
@@ -291,13 +292,9 @@ class DataPlane:
         """Predict and check one item (a model input, or encoded image bytes), whatever the mode."""
         started = time.perf_counter()
         served = self._lookup(model_name, "")
-        model, name = served.model, served.model.name
-        tensor = model.decode(image) if isinstance(image, bytes) else image
-        images = tensor[None]
-        prediction = model.predict(images)
-        predicted = time.perf_counter()
-        self.metrics.predictions.labels(model=name).inc()
-        self.metrics.stage_seconds.labels(model=name, stage="predict").observe(predicted - started)
+        model = served.model
+        images = (model.decode(image) if isinstance(image, bytes) else image)[None]
+        prediction, predicted = self._predict(served, images, started)
         (check,) = self._check(
             served,
             images,
@@ -307,9 +304,7 @@ class DataPlane:
             items=[0],
             deadline=deadline,
         )
-        finished = time.perf_counter()
-        self.metrics.stage_seconds.labels(model=name, stage="total").observe(finished - started)
-        return model, check, Timings(predicted - started, finished - predicted, finished - started)
+        return model, check, self._finish(served, started, predicted)
 
     def close(self, timeout: float | None = None) -> None:
         """Finish background checks within ``timeout``, then stop the workers."""
@@ -324,6 +319,23 @@ class DataPlane:
                     )
             if served.shared is not None:
                 served.shared.close(left)
+
+    def _predict(
+        self, served: _Served, images: np.ndarray, started: float
+    ) -> tuple[Prediction, float]:
+        """The model's prediction, counted and timed from ``started``; and when it was ready."""
+        prediction = served.model.predict(images)
+        predicted = time.perf_counter()
+        name = served.model.name
+        self.metrics.predictions.labels(model=name).inc(len(images))
+        self.metrics.stage_seconds.labels(model=name, stage="predict").observe(predicted - started)
+        return prediction, predicted
+
+    def _finish(self, served: _Served, started: float, predicted: float) -> Timings:
+        finished = time.perf_counter()
+        total = finished - started
+        self.metrics.stage_seconds.labels(model=served.model.name, stage="total").observe(total)
+        return Timings(predicted - started, finished - predicted, total)
 
     # -- checks -------------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ The alerting rules and the dashboard in deploy/ are written against exactly thes
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -59,7 +59,8 @@ class GuardMetrics:
         )
         self.skipped = Counter(
             "guard_skipped_checks",
-            "Predictions left unchecked: not sampled, background queue full, or deadline passed.",
+            "Predictions left unchecked: not sampled, background queue full, deadline passed, or "
+            "their background check failed (see the log).",
             ["model", "reason"],
             registry=registry,
         )
@@ -72,8 +73,8 @@ class GuardMetrics:
         )
         self.stage_seconds = Histogram(
             "guard_stage_duration_seconds",
-            "Wall time per stage: predict (model on the request), explain (MPS and score, "
-            "per checked item), total (the whole request).",
+            "Wall time per stage: predict (model on the request), explain (MPSs and scores of "
+            "a request's checked items, or of a background batch), total (the whole request).",
             ["model", "stage"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
@@ -152,6 +153,7 @@ class GuardMetrics:
         queue_capacity: int,
         drift: DriftMonitor | None,
         area_reference: Sequence[float] | None,
+        queue_depth: Callable[[], float] | None = None,
     ) -> None:
         """Static facts of a served model, and the drift gauges read at scrape time."""
         self.info.labels(model=model).info(
@@ -159,7 +161,10 @@ class GuardMetrics:
         )
         self.alpha.labels(model=model).set(alpha)
         self.queue_capacity.labels(model=model).set(queue_capacity)
-        self.queue_depth.labels(model=model).set(0)
+        if queue_depth is None:
+            self.queue_depth.labels(model=model).set(0)
+        else:
+            self.queue_depth.labels(model=model).set_function(queue_depth)
         if area_reference:
             for q in CALIBRATION_QUANTILES:
                 self.calibration_area.labels(model=model, quantile=str(q)).set(

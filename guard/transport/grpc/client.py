@@ -8,9 +8,11 @@ from typing import Self
 import grpc
 import numpy as np
 
+from guard.errors import ConfigError
 from guard.transport.grpc import tensors
 from guard.transport.grpc.generated.guard.v1 import guard_pb2 as pb
 from guard.transport.grpc.generated.guard.v1 import guard_pb2_grpc as pb_grpc
+from guard.transport.grpc.tls import read_pem
 
 
 def channel(
@@ -21,12 +23,16 @@ def channel(
     client_key: Path | None = None,
 ) -> grpc.Channel:
     """A channel to ``host:port``: plain, TLS (``tls_ca``), or mutual TLS (plus cert and key)."""
+    if (client_cert is None) != (client_key is None):
+        raise ConfigError("a client certificate and its key go together: give both or neither")
     if tls_ca is None:
+        if client_cert is not None:
+            raise ConfigError("a client certificate needs TLS: give the server's CA bundle too")
         return grpc.insecure_channel(target)
     credentials = grpc.ssl_channel_credentials(
-        root_certificates=tls_ca.read_bytes(),
-        private_key=client_key.read_bytes() if client_key else None,
-        certificate_chain=client_cert.read_bytes() if client_cert else None,
+        root_certificates=read_pem(tls_ca, "the CA bundle"),
+        private_key=read_pem(client_key, "the client key") if client_key else None,
+        certificate_chain=read_pem(client_cert, "the client certificate") if client_cert else None,
     )
     return grpc.secure_channel(target, credentials)
 

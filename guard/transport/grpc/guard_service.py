@@ -27,8 +27,7 @@ class GuardServicer(pb_grpc.GuardServiceServicer, Servicer):
         return request.model_name or self.plane.models[0].name
 
     def model_label(self, request: Any) -> str:
-        name = self._model_name(request)
-        return name if name in {m.name for m in self.plane.models} else "unknown"
+        return self.plane.label(self._model_name(request))
 
     @rpc("Explain", heavy=True)
     def Explain(self, request: pb.ExplainRequest, context: grpc.ServicerContext) -> Any:

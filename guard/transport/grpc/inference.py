@@ -16,7 +16,7 @@ import numpy as np
 
 from guard import __version__
 from guard.errors import InvalidInputError
-from guard.service.data_plane import VERSION, DataPlane, Inference
+from guard.service.data_plane import VERSION, Check, DataPlane, Inference
 from guard.transport.grpc import tensors
 from guard.transport.grpc.generated.inference import grpc_predict_v2_pb2 as pb
 from guard.transport.grpc.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -25,23 +25,25 @@ from guard.transport.grpc.status import Servicer, deadline_of, rpc
 PLATFORM = "onnxruntime_onnx"
 
 
+# The verdict tensors: name -> (datatype, value of a checked item, value of an unchecked one).
+GUARD_OUTPUTS: dict[str, tuple[str, Callable[[Check], Any], Any]] = {
+    "guard_checked": ("BOOL", lambda check: True, False),
+    "guard_flagged": ("BOOL", lambda check: check.flagged, False),
+    "guard_mps_area": ("FP32", lambda check: check.mps_area_fraction, np.nan),
+    "guard_score": ("FP32", lambda check: check.score, np.nan),
+    "guard_p_value": ("FP32", lambda check: check.p_value, np.nan),
+}
+
+
 def _guard_outputs(inference: Inference) -> dict[str, np.ndarray]:
-    """The per-item verdict tensors; NaN / False where an item was not checked in the request."""
-    checks = inference.checks
-
-    def column(value: Callable[[Any], float], empty: float) -> np.ndarray:
-        return np.array([empty if c is None else value(c) for c in checks], dtype=np.float32)
-
+    """One value per item of each verdict tensor; unchecked items get the empty value."""
     return {
-        "guard_checked": np.array([c is not None for c in checks], dtype=bool),
-        "guard_flagged": np.array([c is not None and c.flagged for c in checks], dtype=bool),
-        "guard_mps_area": column(lambda c: c.mps_area_fraction, np.nan),
-        "guard_score": column(lambda c: c.score, np.nan),
-        "guard_p_value": column(lambda c: c.p_value, np.nan),
+        name: np.array(
+            [empty if c is None else value(c) for c in inference.checks],
+            dtype=tensors.DATATYPES[datatype],
+        )
+        for name, (datatype, value, empty) in GUARD_OUTPUTS.items()
     }
-
-
-GUARD_OUTPUTS = ("guard_checked", "guard_flagged", "guard_mps_area", "guard_score", "guard_p_value")
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer, Servicer):
@@ -51,8 +53,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer, Servicer):
         self._ready = ready
 
     def model_label(self, request: Any) -> str:
-        name = getattr(request, "model_name", None) or getattr(request, "name", "")
-        return name if name in {m.name for m in self.plane.models} else "unknown"
+        return self.plane.label(
+            getattr(request, "model_name", None) or getattr(request, "name", "")
+        )
 
     @rpc("ServerLive")
     def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.ServicerContext) -> Any:
@@ -82,10 +85,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer, Servicer):
         outputs = [
             meta(name=spec.output_name, datatype="FP32", shape=[-1, num_classes]),
             *(
-                meta(
-                    name=name, datatype="BOOL" if name in GUARD_OUTPUTS[:2] else "FP32", shape=[-1]
-                )
-                for name in GUARD_OUTPUTS
+                meta(name=name, datatype=datatype, shape=[-1])
+                for name, (datatype, _, _) in GUARD_OUTPUTS.items()
             ),
         ]
         return pb.ModelMetadataResponse(

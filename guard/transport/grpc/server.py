@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent import futures
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -22,6 +22,7 @@ from guard.transport.grpc.generated.guard.v1 import guard_pb2, guard_pb2_grpc
 from guard.transport.grpc.generated.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 from guard.transport.grpc.guard_service import GuardServicer
 from guard.transport.grpc.inference import InferenceServicer
+from guard.transport.grpc.tls import read_pem
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +118,12 @@ class Sidecar:
         """Health to NOT_SERVING, refuse new requests, let in-flight ones finish within
         ``grace`` seconds, finish queued background checks, close the metrics port."""
         grace = self.settings.grace_seconds if grace is None else grace
+        ends = time.monotonic() + grace  # one grace period for requests and queues together
         self._draining.set()
         self.health.enter_graceful_shutdown()
         if self._server is not None:
             self._server.stop(grace).wait()
-        self.plane.close(timeout=grace)
+        self.plane.close(timeout=max(0.0, ends - time.monotonic()))
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
@@ -136,17 +138,10 @@ def _host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-def _read(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
-
-
 def _credentials(s: ServeSettings) -> grpc.ServerCredentials:
     assert s.tls_cert is not None and s.tls_key is not None
-    pair = (_read(s.tls_key, "TLS key"), _read(s.tls_cert, "TLS certificate"))
-    client_ca = _read(s.tls_client_ca, "client CA bundle") if s.tls_client_ca else None
+    pair = (read_pem(s.tls_key, "the TLS key"), read_pem(s.tls_cert, "the TLS certificate"))
+    client_ca = read_pem(s.tls_client_ca, "the client CA bundle") if s.tls_client_ca else None
     return grpc.ssl_server_credentials(
         [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
     )

@@ -21,6 +21,7 @@ from guard.errors import (
     GuardError,
     InvalidInputError,
     OverloadedError,
+    UnavailableError,
     UnknownModelError,
 )
 from guard.service.metrics import GuardMetrics
@@ -32,6 +33,7 @@ _CODES: list[tuple[type[GuardError], grpc.StatusCode]] = [
     (UnknownModelError, grpc.StatusCode.NOT_FOUND),
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (UnavailableError, grpc.StatusCode.UNAVAILABLE),
 ]
 
 _NO_DEADLINE = 10 * 365 * 24 * 3600.0  # seconds; longer than any real deadline
