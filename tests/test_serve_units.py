@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from guard.errors import DeadlineExceededError
+from guard.errors import DeadlineExceededError, UnavailableError
 from guard.service.batching import BackgroundQueue, BoundedExplainer, SharedExplainer
 from guard.service.drift import DriftMonitor, ks_distance
+from tests.serving import wait_for
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -134,3 +135,36 @@ def test_background_queue_never_blocks_and_drains_on_close() -> None:
     assert queue.close(timeout=5) == 0
     assert sorted(done) == [i for i, ok in enumerate(accepted) if ok]
     assert not queue.submit(99)
+
+
+def test_background_queue_counts_failed_batches_and_reports_its_depth() -> None:
+    failed: list[int] = []
+    release = threading.Event()
+
+    def process(batch: list[int]) -> None:
+        release.wait(5)
+        raise RuntimeError("model fault")
+
+    queue = BackgroundQueue(process, capacity=4, max_batch=1, on_failure=failed.append)
+    assert all(queue.submit(i) for i in range(3))
+    wait_for(lambda: queue.depth() == 2, what="the worker to take one item")
+    release.set()
+    assert queue.close(timeout=5) == 0
+    assert failed == [1, 1, 1] and queue.depth() == 0
+
+
+def test_shared_batches_run_until_the_last_callers_deadline_and_refuse_work_after_close() -> None:
+    deadlines: list[float | None] = []
+
+    def explain(images: np.ndarray, deadline: float | None) -> list[float]:
+        deadlines.append(deadline)
+        return [0.0] * len(images)
+
+    shared = SharedExplainer(explain, max_items=4, max_wait=0.0)  # type: ignore[arg-type]
+    later = time.monotonic() + 30
+    shared.explain(np.zeros((1, 2)), deadline=later)
+    shared.explain(np.zeros((1, 2)))
+    assert deadlines == [later, None]
+    shared.close(timeout=5)
+    with pytest.raises(UnavailableError):
+        shared.explain(np.zeros((1, 2)))
