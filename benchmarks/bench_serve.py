@@ -6,7 +6,7 @@ a fixed duration each, every client sending one-item ModelInfer requests (held-o
 back to back. It reports requests per second, p50/p99 latency, errors, checks completed per
 second (from the server's own metrics), and the server's resident memory before and after.
 
-    python benchmarks/bench_serve.py [--duration 10] [--json out.json]
+    python benchmarks/bench_serve.py [--duration 10] [--provider cuda] [--json out.json]
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ CONFIGS = [("sync", True), ("sync", False), ("async", True), ("async", False)]
 
 @dataclass
 class Row:
+    provider: str
     mode: str
     shared: bool
     clients: int
@@ -115,11 +116,13 @@ def drive(port: int, input_name: str, images: np.ndarray, clients: int, duration
     return np.array(latencies), errors[0]
 
 
-def bench_config(mode: str, shared: bool, levels: list[int], duration: float) -> list[Row]:
+def bench_config(
+    mode: str, shared: bool, levels: list[int], duration: float, provider: str
+) -> list[Row]:
     x = np.load(demo.DEMO_HELDOUT, allow_pickle=False)["x"][:200]
     server = ServeProcess(
         "--port", "0", "--metrics-port", "0", "--mode", mode, "--no-log-verdicts",
-        "--share-model-calls" if shared else "--no-share-model-calls",
+        "--share-model-calls" if shared else "--no-share-model-calls", "--provider", provider,
     )  # fmt: skip
     rows = []
     try:
@@ -127,6 +130,7 @@ def bench_config(mode: str, shared: bool, levels: list[int], duration: float) ->
 
         input_name = onnx.load(str(demo.DEMO_MODEL)).graph.input[0].name
         before = scrape(server.metrics_port)
+        running = dict(next(iter(before["guard_model_info"])))["provider"]
         drive(server.port, input_name, x, 4, 2.0)  # warm-up
         _wait_settled(server.metrics_port, before)
         for clients in levels:
@@ -146,6 +150,7 @@ def bench_config(mode: str, shared: bool, levels: list[int], duration: float) ->
             skipped = value(metrics, "guard_skipped_checks_total", model=MODEL, reason="queue_full")
             rows.append(
                 Row(
+                    provider=running,
                     mode=mode,
                     shared=shared,
                     clients=clients,
@@ -205,14 +210,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per level")
     parser.add_argument("--clients", default="1,4,16", help="concurrency levels")
+    parser.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
     rows = [
-        row for mode, shared in CONFIGS for row in bench_config(mode, shared, levels, args.duration)
+        row
+        for mode, shared in CONFIGS
+        for row in bench_config(mode, shared, levels, args.duration, args.provider)
     ]
+    providers = ", ".join(sorted({r.provider for r in rows}))
     print(
-        f"Sidecar load test: demo model, {args.duration:g} s per level, {os.cpu_count()} CPUs, {platform.machine()}"
+        f"Sidecar load test: demo model on {providers}, {args.duration:g} s per level, "
+        f"{os.cpu_count()} CPUs, {platform.machine()}"
     )
     print()
     print(table(rows))
