@@ -86,6 +86,8 @@ class _Accounting:
             self.evaluations += counts
             for image in np.flatnonzero(counts):
                 self.calls[image] += self.evaluator.model_calls(int(counts[image]))
+        if len(classes) == 1:
+            return classes[0], confidences[0]
         return np.concatenate(classes), np.concatenate(confidences)
 
 
@@ -185,7 +187,9 @@ class MpsEngine:
             if not len(masks):
                 break
             index = runs // s.iters
-            landscapes.update(passing(*books.evaluate(images, baselines, masks, index), index))
+            verdicts = passing(*books.evaluate(images, baselines, masks, index), index)
+            del masks  # freed before the next level's masks are allocated, so malloc reuses it
+            landscapes.update(verdicts)
         maps = landscapes.responsibility.reshape(count, s.iters, spec.height, spec.width)
         return np.stack([combine_runs(image_maps, s.combination) for image_maps in maps])
 

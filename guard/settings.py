@@ -65,3 +65,8 @@ class ModelOptions(BaseModel):
     output: str | None = Field(default=None, description="output to read (default: the first)")
     output_kind: Literal["auto", "logits", "probabilities"] = "auto"
     provider: Literal["auto", "cpu", "cuda"] = "auto"
+    spin_threads: bool = Field(
+        default=True,
+        description="onnxruntime's worker threads spin between model calls: faster MPSs where "
+        "the engine has the CPU to itself, less CPU for anything else in the process",
+    )

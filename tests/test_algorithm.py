@@ -10,6 +10,7 @@ import pytest
 from guard.algorithm.boxes import COMBINATIONS, KEPT_INDEX
 from guard.algorithm.extraction import PrefixSearch, rank_pixels
 from guard.algorithm.landscape import (
+    UNITS,
     Landscapes,
     child_weights,
     combine_runs,
@@ -77,7 +78,8 @@ def test_mutant_masks_keep_their_children_and_the_other_boxes() -> None:
     children = np.array([[[0, 3, 0, 5], [0, 3, 5, 8], [3, 8, 0, 5], [3, 8, 5, 8]]])
     others = np.array([[[10, 16, 10, 12], [0, 0, 0, 0]]])
     masks = mutant_masks(children, others, 16, 16)
-    assert masks.shape == (14, 16, 16)
+    assert masks.shape == (14, 16, 16) and masks.dtype == bool
+    assert set(np.unique(masks.view(np.uint8)).tolist()) == {0, 1}  # valid bools for onnxruntime
     static = _box_mask(others[0, 0])
     for mask, keep in zip(masks, COMBINATIONS, strict=True):
         expected = static.copy()
@@ -87,10 +89,13 @@ def test_mutant_masks_keep_their_children_and_the_other_boxes() -> None:
         assert np.array_equal(mask, expected)
 
 
-def test_witness_form_gives_one_over_k_plus_one() -> None:
+def test_witness_form_gives_one_over_k_plus_one_in_whole_units() -> None:
     simple, witness = child_weights("simple"), child_weights("witness")
-    assert simple[0].tolist() == [1, 0, 0, 0] and witness[0].tolist() == [0.5, 0, 0, 0]
-    assert simple[10].tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 0])
+    assert simple.dtype.kind == witness.dtype.kind == "i"  # exact sums
+    assert (simple[0] / UNITS).tolist() == [1, 0, 0, 0]
+    assert (witness[0] / UNITS).tolist() == [0.5, 0, 0, 0]
+    assert (simple[10] / UNITS).tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 0])
+    assert (witness[10] / UNITS).tolist() == [0.25, 0.25, 0.25, 0]
 
 
 def _drive(landscapes: Landscapes, passes: Oracle) -> tuple[int, list[np.ndarray]]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from guard import demo
 from guard.engine import MpsEngine
 from guard.errors import ConfigError, ModelLoadError, UnsupportedModelError
 from guard.runtime import MaskedClassifier
@@ -172,3 +173,18 @@ def test_a_declared_dynamic_batch_that_does_not_batch_falls_back_to_single(
     assert any("declares a dynamic batch" in note for note in classifier.notes)
     result = MpsEngine(classifier, EngineSettings(iters=2)).explain(digits[0])
     assert result.model_calls == result.model_evaluations
+
+
+def _spinning(classifier: MaskedClassifier) -> str:
+    options = classifier._session.get_session_options()
+    return options.get_session_config_entry("session.intra_op.allow_spinning")
+
+
+def test_worker_threads_spin_offline_and_not_in_the_sidecar() -> None:
+    from guard.service.guarded_model import load_guarded_model
+    from guard.service.settings import ServeSettings
+
+    assert _spinning(MaskedClassifier(demo.DEMO_MODEL)) == "1"
+    quiet = MaskedClassifier(demo.DEMO_MODEL, ModelOptions(spin_threads=False))
+    assert _spinning(quiet) == "0"
+    assert _spinning(load_guarded_model(ServeSettings()).classifier) == "0"

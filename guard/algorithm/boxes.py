@@ -18,8 +18,7 @@ COMBINATIONS: np.ndarray = np.array(
 # fmt: on
 MUTANTS_PER_BOX = len(COMBINATIONS)
 KEPT_CHILDREN: np.ndarray = COMBINATIONS.sum(axis=1)
-# Per mutant, the indices of its kept children padded with 4 (an empty rectangle), so that
-# indexing children padded with one empty rectangle gives every mutant's rectangles at once.
+# Per mutant, the indices of its kept children, padded with 4 (no child) to 3 entries.
 KEPT_INDEX: np.ndarray = np.array(
     [np.flatnonzero(row).tolist() + [4] * (3 - int(row.sum())) for row in COMBINATIONS]
 )

@@ -41,20 +41,26 @@ _OTHER_SLOTS = np.array([[1, 2], [0, 2], [0, 1]])
 _MASK64 = (1 << 64) - 1
 _NEVER = np.iinfo(np.int64).max  # the visible area of a mutant that did not pass
 _SLOT_NUMBERS = np.arange(1, JOB_SLOTS + 1, dtype=np.uint64)
+_SLOTS = np.arange(JOB_SLOTS)
 # Children as picks from (row0, row1, col0, col1, cut row, cut col) of the split box.
 _CHILD_FIELDS = np.array([[0, 4, 2, 5], [0, 4, 5, 3], [4, 1, 2, 5], [4, 1, 5, 3]])
 # Child bits of a pixel by its row and column: children 0 1 / 2 3 are top, bottom, left, right.
 _TOP, _BOTTOM, _LEFT, _RIGHT = (np.uint8(b) for b in (0b0011, 0b1100, 0b0101, 0b1010))
 
 
+# Responsibility is counted in 1/12ths: 1/k and 1/(k+1) for k <= 3 kept children are whole
+# units, so sums are exact and equal responsibility stays exactly equal for the ranking.
+UNITS = 12
+
+
 def child_weights(form: ResponsibilityForm) -> np.ndarray:
-    """[14, 4] responsibility a passing mutant gives each kept child.
+    """[14, 4] responsibility a passing mutant gives each kept child, in 1/``UNITS``.
 
     "simple" is ReX's 1/k for a mutant keeping k children; "witness" is the paper's 1/(k+1)
     Halpern-Pearl form.
     """
-    k = KEPT_CHILDREN[:, None].astype(np.float64)
-    return COMBINATIONS / (k if form == "simple" else k + 1.0)
+    k = KEPT_CHILDREN[:, None]
+    return COMBINATIONS * (UNITS // (k if form == "simple" else k + 1))
 
 
 def _splitmix(x: np.ndarray) -> np.ndarray:
@@ -83,13 +89,12 @@ def split_rects(rects: np.ndarray, draws: np.ndarray) -> np.ndarray:
     column start the bottom and right children, so top or left children may be empty.
     Children are top-left, top-right, bottom-left, bottom-right as (row0, row1, col0, col1).
     """
-    r0, r1, c0, c1 = np.moveaxis(rects, -1, 0)
-    width = np.maximum(c1 - c0, 1)
-    area = (r1 - r0) * (c1 - c0)
+    r0, r1, c0, c1 = rects[..., 0], rects[..., 1], rects[..., 2], rects[..., 3]
+    width = c1 - c0
+    area = (r1 - r0) * width
     position = 1 + (draws % np.maximum(area - 1, 1).astype(np.uint64)).astype(np.int64)
-    fields = np.concatenate(
-        [rects, (r0 + position // width)[..., None], (c0 + position % width)[..., None]], axis=-1
-    )
+    row, col = np.divmod(position, np.maximum(width, 1))
+    fields = np.concatenate([rects, (r0 + row)[..., None], (c0 + col)[..., None]], axis=-1)
     return fields[..., _CHILD_FIELDS]
 
 
@@ -131,9 +136,13 @@ def mutant_masks(children: np.ndarray, others: np.ndarray, height: int, width: i
     col_bits = np.where(cols < bottom_right[:, 2:3], _LEFT, _RIGHT)
     col_bits[(cols < top_left[:, 2:3]) | (cols >= bottom_right[:, 3:4])] = 0
     code = row_bits[:, :, None] & col_bits[:, None, :]
-    rows, cols = _indicators(others, height, width)
-    code[(rows[..., :, None] & cols[..., None, :]).any(axis=1)] = 0b1111
-    kept = (code.reshape(count, 1, height * width) & COMBINATION_BITS[None, :, None]) != 0
+    if (others[..., 1] > others[..., 0]).any():  # most jobs are a single box
+        rows, cols = _indicators(others, height, width)
+        code[(rows[..., :, None] & cols[..., None, :]).any(axis=1)] = 0b1111
+    shared = code.reshape(count, 1, height * width) & COMBINATION_BITS[None, :, None]
+    # Compared in place: one allocation the size of all masks instead of two, which costs
+    # page faults each level once the masks outgrow malloc's reuse threshold.
+    kept = np.not_equal(shared, 0, out=shared.view(bool))
     return kept.reshape(count * MUTANTS_PER_BOX, height, width)
 
 
@@ -160,16 +169,35 @@ class Landscapes:
         self.seed, self.min_box_size, self.tree_depth = seed, min_box_size, tree_depth
         self.search_limit = search_limit
         self.weights = child_weights(form)
-        self.responsibility = np.zeros((runs, height, width), dtype=np.float64)
         self.evaluations = np.zeros(runs, dtype=np.int64)
         self.done = np.zeros(runs, dtype=bool)
-        # A job: up to 3 boxes (row0, row1, col0, col1) of one depth; unused slots are empty.
+        # A job: up to 3 boxes (row0, row1, col0, col1) of one depth; slots past ``job_size``
+        # hold leftovers that are never read.
         self.job = np.zeros((runs, JOB_SLOTS, 4), dtype=np.int64)
         self.job[:, 0] = (0, height, 0, width)
         self.job_size = np.ones(runs, dtype=np.int64)
         self.depth = 0  # depth of the job boxes; all runs descend one level per step
+        self._rows = np.arange(runs)
         self._processed = np.zeros((runs, JOB_SLOTS), dtype=bool)
         self._children = np.zeros((runs, JOB_SLOTS, 4, 4), dtype=np.int64)
+        self._job_area = np.zeros((runs, JOB_SLOTS), dtype=np.int64)
+        # What each level paints (children [R, 12, 4] and their units [R, 12]), painted at the
+        # end: one matmul instead of one per level.
+        self._painted: list[tuple[np.ndarray, np.ndarray]] = []
+        self._responsibility: np.ndarray | None = None
+
+    @property
+    def responsibility(self) -> np.ndarray:
+        """float [R, H, W]: each run's responsibility map so far."""
+        if self._responsibility is None:
+            runs = len(self.run_ids)
+            if self._painted:
+                rects = np.concatenate([p[0] for p in self._painted], axis=1)
+                units = np.concatenate([p[1] for p in self._painted], axis=1)
+                self._responsibility = paint_rects(rects, units, self.height, self.width) / UNITS
+            else:
+                self._responsibility = np.zeros((runs, self.height, self.width))
+        return self._responsibility
 
     def propose(self) -> tuple[np.ndarray, np.ndarray]:
         """Keep-masks [N, H, W] of this level's mutants and the run each belongs to [N].
@@ -178,52 +206,45 @@ class Landscapes:
         each in ReX's combination order. Runs with nothing to split are marked done.
         """
         job = self.job
-        area = (job[..., 1] - job[..., 0]) * (job[..., 3] - job[..., 2])
-        in_job = np.arange(JOB_SLOTS) < self.job_size[:, None]
-        splittable = in_job & (area >= max(self.min_box_size, 2)) & (self.depth <= self.tree_depth)
-        processed = np.cumprod(splittable, axis=1).astype(bool) & ~self.done[:, None]
+        in_job = _SLOTS < self.job_size[:, None]
+        area = (job[..., 1] - job[..., 0]) * (job[..., 3] - job[..., 2]) * in_job
+        self._job_area = area
+        splittable = (area >= max(self.min_box_size, 2)) & (self.depth <= self.tree_depth)
+        processed = np.logical_and.accumulate(splittable, axis=1) & ~self.done[:, None]
         self.done |= ~processed[:, 0]
         self._processed = processed
 
         self._children = split_rects(job, self._draws[:, min(self.depth, self.tree_depth)])
-        others = job[:, _OTHER_SLOTS] * in_job[:, _OTHER_SLOTS][..., None]  # [R, 3, 2, 4]
+        others = job[:, _OTHER_SLOTS] * in_job[:, _OTHER_SLOTS, None]  # [R, 3, 2, 4]
         masks = mutant_masks(self._children[processed], others[processed], self.height, self.width)
         owners = np.repeat(np.nonzero(processed)[0], MUTANTS_PER_BOX)
         return masks, owners
 
     def update(self, passing: np.ndarray) -> None:
         """Take the verdicts (True = same top-1 class) for the mutants of the last ``propose``."""
-        processed = self._processed
+        processed, rows = self._processed, self._rows
         verdicts = np.zeros((*processed.shape, MUTANTS_PER_BOX), dtype=bool)
         verdicts[processed] = np.asarray(passing, dtype=bool).reshape(-1, MUTANTS_PER_BOX)
-        self.evaluations += MUTANTS_PER_BOX * processed.sum(axis=1)
+        split = processed.sum(axis=1)
+        self.evaluations += MUTANTS_PER_BOX * split
 
         # Passing mutants share 1/k among the k children they keep.
-        shares = verdicts.astype(np.float64) @ self.weights  # [R, 3, 4]
-        runs = len(shares)
-        gained = shares.reshape(runs, -1).any(axis=1)
-        if gained.any():
-            self.responsibility[gained] += paint_rects(
-                self._children[gained].reshape(-1, 4 * JOB_SLOTS, 4),
-                shares[gained].reshape(-1, 4 * JOB_SLOTS),
-                self.height,
-                self.width,
-            )
+        units = verdicts.view(np.uint8) @ self.weights  # [R, 3, 4]
+        self._painted.append(
+            (self._children.reshape(len(rows), -1, 4), units.reshape(len(rows), -1))
+        )
+        self._responsibility = None
 
         # Next job: kept children of the smallest passing mutant of the last processed box.
-        last = np.maximum(processed.sum(axis=1) - 1, 0)
-        rows = np.arange(runs)
+        last = np.maximum(split - 1, 0)
         last_verdicts = verdicts[rows, last]  # [R, 14]
         children = self._children[rows, last]  # [R, 4, 4]
         child_area = (children[..., 1] - children[..., 0]) * (children[..., 3] - children[..., 2])
-        in_job = np.arange(JOB_SLOTS) < self.job_size[:, None]
-        job_area = (self.job[..., 1] - self.job[..., 0]) * (self.job[..., 3] - self.job[..., 2])
-        static_area = (job_area * in_job).sum(axis=1) - job_area[rows, last]
+        static_area = self._job_area.sum(axis=1) - self._job_area[rows, last]
         visible = child_area @ _COMBINATIONS_INT.T + static_area[:, None]
-        visible = np.where(last_verdicts, visible, _NEVER)
-        chosen = visible.argmin(axis=1)
-        padded = np.concatenate([children, np.zeros((runs, 1, 4), dtype=np.int64)], axis=1)
-        self.job = padded[rows[:, None], KEPT_INDEX[chosen]]
+        chosen = np.where(last_verdicts, visible, _NEVER).argmin(axis=1)
+        # KEPT_INDEX pads with 4 (no child); those slots are past the job's size, never read.
+        self.job = children[rows[:, None], KEPT_INDEX[chosen] % 4]
         self.job_size = KEPT_CHILDREN[chosen]
         self.depth += 1
 

@@ -143,8 +143,10 @@ class MaskedClassifier:
     def _new_session(self, model: onnx.ModelProto) -> ort.InferenceSession:
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        # Worker threads that spin between calls steal the core our per-level bookkeeping runs on.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Spinning workers skip the wake-up after each level's bookkeeping (the engine's gaps
+        # between calls), but burn CPU that a server's request threads need.
+        spin = "1" if self.options.spin_threads else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
         # The GPU build lists CUDA even where no GPU or CUDA library exists, and its fallback
         # to CPU logs an error; under "auto" that fallback is expected, so silence it and
         # report the provider that actually runs (``provider``) instead.

@@ -80,6 +80,8 @@ def load_guarded_model(settings: ServeSettings) -> GuardedModel:
             width=info.width,
             output=info.output_name,
             provider=settings.provider,
+            # Spinning MPS threads would take the CPU that request handling needs.
+            spin_threads=False,
         ),
     )
     spec = classifier.spec
