@@ -22,8 +22,8 @@ test: $(STAMP)  ## the test suite
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check guard calibration tests benchmarks scripts deploy
-	$(BIN)/ruff format --check guard calibration tests benchmarks scripts deploy
+	$(BIN)/ruff check guard tests benchmarks scripts deploy
+	$(BIN)/ruff format --check guard tests benchmarks scripts deploy
 
 bench: $(STAMP)  ## engine vs model-only floor vs rex-xai (installs rex-xai in its own venv)
 	$(BIN)/python benchmarks/bench_engine.py --json benchmarks/results/latest.json

@@ -37,10 +37,7 @@ import onnx
 import onnxruntime as ort
 import torch
 from onnx import helper
-from torch import nn
-from train_models import PlainCnn, random_occlusion, seed_everything, train
-
-from guard.demo.onnx_export import (
+from onnx_export import (
     BATCH_DIM,
     INPUT_NAME,
     OUTPUT_NAME,
@@ -51,6 +48,8 @@ from guard.demo.onnx_export import (
     make_model,
     tensor_info,
 )
+from torch import nn
+from train_models import PlainCnn, random_occlusion, seed_everything, train
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "benchmarks" / "models"

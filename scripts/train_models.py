@@ -27,12 +27,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from onnx_export import INPUT_NAME, OUTPUT_NAME, CnnWeights, save_cnn
 from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
-
-from guard.demo.onnx_export import INPUT_NAME, OUTPUT_NAME, CnnWeights, save_cnn
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = ROOT / "guard" / "demo"

@@ -16,7 +16,7 @@ from scipy.stats import kruskal
 from typer.testing import CliRunner
 
 from guard.cli import app
-from guard.demo.onnx_export import (
+from scripts.onnx_export import (
     BATCH_DIM,
     INPUT_NAME,
     OUTPUT_NAME,

@@ -8,8 +8,7 @@ import pytest
 from scipy.spatial.distance import cdist, directed_hausdorff
 from scipy.stats import rankdata
 
-from calibration.audit import AuditRecord, pack_mask
-from calibration.audit_metrics import (
+from guard.audit.localisation import (
     dice,
     dual_polarity_precision,
     hausdorff,
@@ -20,7 +19,8 @@ from calibration.audit_metrics import (
     relevance_rank_accuracy,
     resize_mask,
 )
-from calibration.audit_stats import (
+from guard.audit.run import AuditRecord, pack_mask
+from guard.audit.statistics import (
     friedman,
     incorrect_effect,
     kruskal_wallis,

@@ -12,15 +12,15 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
-from calibration.artifact import load_artifact, score_prediction
-from calibration.run import run_items
 from guard import demo
+from guard.calibration.run import run_items
 from guard.cli import app
 from guard.datasets import open_labelled_data
 from guard.engine import MpsEngine
 from guard.errors import ConfigError
 from guard.preprocess import Preprocessing
 from guard.settings import EngineSettings
+from guard.verdict.artifact import load_artifact, score_prediction
 
 runner = CliRunner()
 FAST = ["--iters", "3"]

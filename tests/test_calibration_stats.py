@@ -15,25 +15,25 @@ from scipy.stats import mannwhitneyu
 from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
-from calibration import metrics
-from calibration.artifact import (
-    CalibrationArtifact,
-    ConformalReference,
-    ModelInfo,
-    artifact_from_fit,
-    load_artifact,
-    posterior_incorrect,
-    save_artifact,
-    score_prediction,
-)
-from calibration.fit import (
+from guard.calibration import detection_metrics as metrics
+from guard.calibration.fit import (
     FitResult,
+    artifact_from_fit,
     conformal_references,
     fit_calibration,
     stratified_split,
 )
-from calibration.records import ItemRecord
+from guard.calibration.records import ItemRecord
 from guard.errors import ConfigError
+from guard.verdict.artifact import (
+    CalibrationArtifact,
+    ModelInfo,
+    load_artifact,
+    save_artifact,
+    score_prediction,
+)
+from guard.verdict.conformal import ConformalReference
+from guard.verdict.scores import posterior_incorrect
 
 SHA = "ab" * 32
 OTHER_SHA = "cd" * 32

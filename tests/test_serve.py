@@ -16,7 +16,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from typer.testing import CliRunner
 
-from calibration.artifact import load_artifact, score_prediction
 from guard import demo
 from guard.cli import app
 from guard.engine import MpsEngine
@@ -25,6 +24,7 @@ from guard.settings import EngineSettings
 from guard.transport.grpc.client import GuardClient, unpack_mask
 from guard.transport.grpc.generated.inference import grpc_predict_v2_pb2 as pb
 from guard.transport.grpc.server import GUARD_SERVICE, INFERENCE_SERVICE, Sidecar
+from guard.verdict.artifact import load_artifact, score_prediction
 from tests.serving import (
     LOOPBACK,
     infer_request,

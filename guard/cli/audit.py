@@ -112,10 +112,10 @@ def audit(
     per-model tables are written and the comparisons are left out (the report says so).
     """
     # Heavy imports only for this command (scipy, matplotlib).
-    from calibration.audit import AuditModel, run_model
-    from calibration.audit_masks import open_ground_truth
-    from calibration.audit_report import write_report
-    from calibration.audit_summary import ModelOutcome, summarise
+    from guard.audit.masks import open_ground_truth
+    from guard.audit.report import write_report
+    from guard.audit.run import AuditModel, run_model
+    from guard.audit.summary import ModelOutcome, summarise
     from guard.datasets import open_labelled_data
 
     names = name or [path.stem for path in model]

@@ -100,11 +100,11 @@ def calibrate(
     command after an interruption resumes where it stopped.
     """
     # Heavy imports only for this command (scikit-learn, matplotlib).
-    from calibration.artifact import ModelInfo, artifact_from_fit, save_artifact
-    from calibration.fit import fit_calibration
-    from calibration.report import write_report
-    from calibration.run import run_items
+    from guard.calibration.fit import artifact_from_fit, fit_calibration
+    from guard.calibration.report import write_report
+    from guard.calibration.run import run_items
     from guard.datasets import open_labelled_data
+    from guard.verdict.artifact import ModelInfo, save_artifact
 
     args = RuntimeArgs(
         **{k: v for k, v in locals().items() if k in RuntimeArgs.__dataclass_fields__}

@@ -21,7 +21,6 @@ from typing import Literal
 
 import numpy as np
 
-from calibration.artifact import SCORE_REASON
 from guard.engine import MpsEngine, MpsResult
 from guard.errors import DeadlineExceededError, OverloadedError, UnknownModelError
 from guard.runtime.classifier import Prediction
@@ -30,6 +29,7 @@ from guard.service.drift import DriftMonitor
 from guard.service.guarded_model import GuardedModel
 from guard.service.metrics import GuardMetrics
 from guard.service.settings import ServeSettings
+from guard.verdict.detector import SCORE_REASON
 
 log = logging.getLogger(__name__)
 verdict_log = logging.getLogger("guard.verdicts")

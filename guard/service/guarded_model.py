@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
-from calibration.artifact import CalibrationArtifact, Verdicts, load_artifact
 from guard import demo
 from guard.engine import MpsEngine, MpsResult
 from guard.errors import ConfigError, ModelLoadError
@@ -19,6 +18,8 @@ from guard.runtime import MaskedClassifier
 from guard.runtime.classifier import Prediction
 from guard.service.settings import ServeSettings
 from guard.settings import EngineSettings, ModelOptions
+from guard.verdict.artifact import CalibrationArtifact, load_artifact
+from guard.verdict.detector import Verdicts
 
 # Engine settings that change how work is split into model calls, never the MPS itself.
 _PERFORMANCE_ONLY = frozenset({"max_batch_size", "extraction_batch"})

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from calibration.audit import AuditRecord
-from calibration.audit_metrics import LOCALISATION_METRICS, dice, hausdorff
+from guard.audit.localisation import LOCALISATION_METRICS, dice, hausdorff
+from guard.audit.run import AuditRecord
 
 
 def _mean(values: Sequence[float]) -> float | None:

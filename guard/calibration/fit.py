@@ -23,35 +23,42 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import get_args
+from datetime import UTC, datetime
+from typing import Any, get_args
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from sklearn.linear_model import LogisticRegression
 
-from calibration import metrics
-from calibration.artifact import (
-    AreaDensity,
-    AreaModel,
+from guard.calibration import detection_metrics as metrics
+from guard.calibration.records import ItemRecord
+from guard.errors import InvalidInputError
+from guard.verdict.artifact import (
+    SCHEMA_VERSION,
     AurocDifference,
-    CombinedModel,
-    ConformalReference,
-    DensityPair,
-    Detector,
+    CalibrationArtifact,
     HeldoutMetrics,
     MannWhitneyResult,
-    ScoreKind,
+    ModelInfo,
     ScoreMetrics,
+)
+from guard.verdict.conformal import ConformalReference
+from guard.verdict.detector import Detector
+from guard.verdict.scores import (
+    AreaDensity,
+    AreaModel,
+    CombinedModel,
+    DensityPair,
+    ScoreKind,
     combined_features,
     logit_area,
     suspicion_scores,
 )
-from calibration.records import ItemRecord
-from guard.errors import InvalidInputError
 
 __all__ = [
     "AREA_EPS",
     "FitResult",
+    "artifact_from_fit",
     "conformal_references",
     "fit_area_density",
     "fit_calibration",
@@ -546,3 +553,29 @@ def _notes(
             "predictions are flagged in all."
         )
     return notes
+
+
+def artifact_from_fit(
+    fit: FitResult,
+    *,
+    model: ModelInfo,
+    preprocessing: dict[str, Any] | None,
+    engine: dict[str, Any],
+    class_names: list[str],
+    area_reference: ArrayLike | None = None,
+) -> CalibrationArtifact:
+    """Bind a fit to the model and engine settings that produced its records."""
+    return CalibrationArtifact(
+        schema_version=SCHEMA_VERSION,
+        created_at=datetime.now(UTC),
+        model=model,
+        preprocessing=preprocessing,
+        engine=engine,
+        class_names=list(class_names),
+        detector=fit.detector,
+        metrics=fit.metrics,
+        notes=list(fit.notes),
+        area_reference=None
+        if area_reference is None
+        else np.sort(np.asarray(area_reference, dtype=np.float64)).tolist(),
+    )

@@ -1,4 +1,4 @@
-"""The calibration run: prediction, confidence, margin and MPS of every labelled item.
+"""Resumable offline runs: one record per labelled item, cached as JSON lines.
 
 Results go to a JSON-lines cache next to the output as they are computed, so an interrupted
 run resumes where it stopped. The cache's first line fingerprints everything that shapes the
@@ -18,20 +18,12 @@ from typing import Any, Generic, Protocol, TextIO, TypeVar
 
 import numpy as np
 
-from calibration.records import ItemRecord
 from guard.datasets import Item, LabelledData
 from guard.engine import MpsEngine
 from guard.errors import ConfigError, GuardError
 from guard.runtime import MaskedClassifier
 
 CACHE_FORMAT = 1
-
-
-@dataclass
-class RunResult:
-    records: list[ItemRecord]
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
-    resumed: int = 0  # items taken from the cache
 
 
 def fingerprint(
@@ -88,6 +80,8 @@ def _read_cache(
 
 @dataclass
 class CachedRun(Generic[R]):
+    """The records of a run in data order, the items skipped and why."""
+
     records: list[R]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
     resumed: int = 0  # items taken from the cache
@@ -167,40 +161,3 @@ def _process(
     handle.flush()
     if on_progress:
         on_progress(len(batch))
-
-
-def run_items(
-    data: LabelledData,
-    classifier: MaskedClassifier,
-    engine: MpsEngine,
-    cache: Path,
-    *,
-    batch_items: int = 8,
-    restart: bool = False,
-    on_progress: Callable[[int], None] | None = None,
-) -> RunResult:
-    """Compute (or take from the cache) the calibration record of every item, in data order."""
-
-    def explain(items: list[Item]) -> list[ItemRecord]:
-        images = np.stack([item.tensor for item in items])
-        prediction = classifier.predict(images)
-        explained = engine.explain_batch(images)
-        return [
-            ItemRecord(
-                key=item.key,
-                label=item.label,
-                predicted_class=mps.predicted_class,
-                confidence=mps.confidence,
-                margin=float(prediction.margins[i]),
-                mps_area_fraction=mps.mps_area_fraction,
-                degenerate=mps.degenerate,
-                baseline_class=mps.baseline_class,
-            )
-            for i, (item, mps) in enumerate(zip(items, explained, strict=True))
-        ]
-
-    run = run_cached(
-        data, cache, fingerprint(classifier, engine, data), explain, ItemRecord.from_json_line,
-        batch_items=batch_items, restart=restart, on_progress=on_progress,
-    )  # fmt: skip
-    return RunResult(run.records, run.skipped, run.resumed)

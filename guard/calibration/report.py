@@ -17,10 +17,11 @@ matplotlib.use("Agg")  # files only; never a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from calibration import metrics  # noqa: E402
-from calibration.artifact import CalibrationArtifact, suspicion_scores  # noqa: E402
-from calibration.fit import FitResult  # noqa: E402
-from calibration.records import ItemRecord  # noqa: E402
+from guard.calibration import detection_metrics as metrics  # noqa: E402
+from guard.calibration.fit import FitResult  # noqa: E402
+from guard.calibration.records import ItemRecord  # noqa: E402
+from guard.verdict.artifact import CalibrationArtifact  # noqa: E402
+from guard.verdict.scores import suspicion_scores  # noqa: E402
 
 SCORE_KINDS = ("mps", "msp", "combined")
 SCORE_LABELS = {

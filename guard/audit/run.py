@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from calibration.audit_masks import GroundTruth
-from calibration.audit_metrics import LOCALISATION_METRICS, localisation
-from calibration.run import CachedRun, fingerprint, run_cached
+from guard.audit.localisation import LOCALISATION_METRICS, localisation
+from guard.audit.masks import GroundTruth
+from guard.cached_run import CachedRun, fingerprint, run_cached
 from guard.datasets import Item, LabelledData
 from guard.engine import MpsEngine
 from guard.runtime import MaskedClassifier

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from calibration.audit_metrics import resize_mask
+from guard.audit.localisation import resize_mask
 from guard.errors import ConfigError
 
 MASK_SUFFIXES = (".png", ".npy", ".bmp", ".gif", ".tif", ".tiff")

@@ -17,8 +17,8 @@ matplotlib.use("Agg")  # files only; never a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from calibration.audit_metrics import LOCALISATION_METRICS  # noqa: E402
-from calibration.audit_summary import ModelOutcome  # noqa: E402
+from guard.audit.localisation import LOCALISATION_METRICS  # noqa: E402
+from guard.audit.summary import ModelOutcome  # noqa: E402
 
 LOCALISATION_LABELS = {
     "mps_precision_in_mask": "MPS precision in mask",

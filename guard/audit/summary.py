@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from calibration.audit import AuditModel, AuditRecord
-from calibration.audit_metrics import resize_mask
-from calibration.audit_stats import (
+from guard.audit.localisation import resize_mask
+from guard.audit.run import AuditModel, AuditRecord
+from guard.audit.statistics import (
     friedman,
     incorrect_effect,
     kruskal_wallis,

@@ -1,0 +1,1 @@
+"""Offline model audit: MPSs of several models on the same images, compared as in the paper."""

@@ -1,0 +1,1 @@
+"""Offline calibration: MPSs of labelled items, the fitted check, and its report."""
