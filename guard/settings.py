@@ -35,6 +35,16 @@ class EngineSettings(BaseModel):
     responsibility_form: ResponsibilityForm = Field(
         default="simple", description="1/k (ReX) or 1/(k+1) (witness) per kept child"
     )
+    empty_mps: bool = Field(
+        default=False,
+        description="test the empty set first: the MPS is empty when the all-baseline input "
+        "keeps the class (Definition 1 read strictly; rex-xai never tests it)",
+    )
+    random_stream: Literal["counter", "rex"] = Field(
+        default="counter",
+        description="counter: a stream per (seed, run); rex: rex-xai 0.4.1's per-run "
+        "RandomState(seed + run + 1), so the same seed gives rex-xai's MPS",
+    )
     confidence_filter: float = Field(
         default=0.0,
         ge=0.0,

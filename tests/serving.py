@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from guard import demo
 from guard.service.settings import ServeSettings
 from guard.transport.grpc.generated.inference import grpc_predict_v2_pb2 as pb
 from guard.transport.grpc.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -30,7 +31,15 @@ LOOPBACK = "127.0.0.1"
 @contextlib.contextmanager
 def running_sidecar(**settings: Any) -> Iterator[Sidecar]:
     """An in-process sidecar on free loopback ports, stopped (and drained) on exit."""
-    values = {"host": LOOPBACK, "port": 0, "metrics_port": 0, "log_verdicts": True, **settings}
+    values = {
+        "model": demo.DEMO_MODEL,
+        "calibration": demo.DEMO_CALIBRATION,
+        "host": LOOPBACK,
+        "port": 0,
+        "metrics_port": 0,
+        "log_verdicts": True,
+        **settings,
+    }
     sidecar = Sidecar(ServeSettings(**values))
     sidecar.start()
     try:

@@ -187,4 +187,11 @@ def test_worker_threads_spin_offline_and_not_in_the_sidecar() -> None:
     assert _spinning(MaskedClassifier(demo.DEMO_MODEL)) == "1"
     quiet = MaskedClassifier(demo.DEMO_MODEL, ModelOptions(spin_threads=False))
     assert _spinning(quiet) == "0"
-    assert _spinning(load_guarded_model(ServeSettings()).classifier) == "0"
+    assert (
+        _spinning(
+            load_guarded_model(
+                ServeSettings(model=demo.DEMO_MODEL, calibration=demo.DEMO_CALIBRATION)
+            ).classifier
+        )
+        == "0"
+    )

@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 
 from guard.audit.localisation import LOCALISATION_METRICS  # noqa: E402
 from guard.audit.summary import ModelOutcome  # noqa: E402
+from guard.numbers import number, p_value  # noqa: E402
 
 LOCALISATION_LABELS = {
     "mps_precision_in_mask": "MPS precision in mask",
@@ -108,21 +109,11 @@ def _plot_violin(path: Path, outcomes: list[ModelOutcome]) -> None:
     plt.close(fig)  # figures are not freed otherwise
 
 
-def _f(value: float | None, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def _p(value: float | None) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.3g}" if value >= 1e-4 else f"{value:.1e}"
-
-
 def _matrix(title: str, names: list[str], values: list[list[float | None]],
             counts: list[list[int]], digits: int) -> list[str]:  # fmt: skip
     lines = [f"| {title} | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for name, row, n in zip(names, values, counts, strict=True):
-        cells = [f"{_f(v, digits)} (n={c})" for v, c in zip(row, n, strict=True)]
+        cells = [f"{number(v, digits)} (n={c})" for v, c in zip(row, n, strict=True)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -162,11 +153,11 @@ def _markdown(s: dict[str, Any], outcomes: list[ModelOutcome]) -> str:
     for m in s["models"]:
         lines.append(
             f"| {m['name']} | {m['family']} | {m['input_size'][0]}x{m['input_size'][1]} | "
-            f"{m['n_items']} ({m['n_incorrect']} wrong) | {_f(m['accuracy'])} | "
-            f"{_f(m['mps_area_mean'])} ({_f(m['mps_area_median'])}) | "
-            f"{_f(m['mps_area_mean_correct'])} ({_f(m['mps_area_median_correct'])}) | "
-            f"{_f(m['mps_area_mean_incorrect'])} ({_f(m['mps_area_median_incorrect'])}) | "
-            f"{_f(m['degenerate_fraction'])} | {m['baseline_class']} ({_f(m['baseline_class_fraction'])}) |"
+            f"{m['n_items']} ({m['n_incorrect']} wrong) | {number(m['accuracy'])} | "
+            f"{number(m['mps_area_mean'])} ({number(m['mps_area_median'])}) | "
+            f"{number(m['mps_area_mean_correct'])} ({number(m['mps_area_median_correct'])}) | "
+            f"{number(m['mps_area_mean_incorrect'])} ({number(m['mps_area_median_incorrect'])}) | "
+            f"{number(m['degenerate_fraction'])} | {m['baseline_class']} ({number(m['baseline_class_fraction'])}) |"
         )
     lines += ["", "![MPS area per model](mps_area_violin.png)", ""]
     if s["masks"]:
@@ -177,7 +168,7 @@ def _markdown(s: dict[str, Any], outcomes: list[ModelOutcome]) -> str:
             "|---" * (len(LOCALISATION_LABELS) + 1) + "|",
             *[
                 f"| {m['name']} | "
-                + " | ".join(f"{_f(m[k])} (n={m[f'{k}_n']})" for k in LOCALISATION_LABELS)
+                + " | ".join(f"{number(m[k])} (n={m[f'{k}_n']})" for k in LOCALISATION_LABELS)
                 + " |"
                 for m in s["models"]
             ],
@@ -198,30 +189,30 @@ def _across_models(s: dict[str, Any], names: list[str]) -> list[str]:
     lines.append(
         "Kruskal-Wallis on MPS area: "
         + ("not defined (every area identical)." if kw is None else
-           f"H = {kw['statistic']:.2f}, df = {kw['df']}, p = {_p(kw['p_value'])}.")
+           f"H = {kw['statistic']:.2f}, df = {kw['df']}, p = {p_value(kw['p_value'])}.")
     )  # fmt: skip
     for f in s["friedman"]:
         test = f["test"]
         lines.append(
             f"Friedman on MPS area, family `{f['family']}` ({', '.join(f['models'])}): "
             + ("not defined (every item ties)." if test is None else
-               f"chi2 = {test['statistic']:.2f}, df = {test['df']}, p = {_p(test['p_value'])}, "
+               f"chi2 = {test['statistic']:.2f}, df = {test['df']}, p = {p_value(test['p_value'])}, "
                f"{test['n_items']} images.")
         )  # fmt: skip
     effect = s["incorrect_effect"]
     lines.append(
         "Effect of being incorrect on MPS area (model fixed effects): "
         + ("not estimable (no incorrect or no correct predictions)." if effect is None else
-           f"{effect['estimate']:+.4f} (SE {effect['std_error']:.4f}, p = {_p(effect['p_value'])}; "
+           f"{effect['estimate']:+.4f} (SE {effect['std_error']:.4f}, p = {p_value(effect['p_value'])}; "
            f"clustered by image SE {effect['std_error_clustered']:.4f}, p = "
-           f"{_p(effect['p_value_clustered'])}), {effect['n_observations']} observations.")
+           f"{p_value(effect['p_value_clustered'])}), {effect['n_observations']} observations.")
     )  # fmt: skip
     lines += ["", "| pair | images | median difference (a - b) | p | p Bonferroni | significant |",
               "|---|---|---|---|---|---|"]  # fmt: skip
     for r in s["pairwise"]:
         lines.append(
             f"| {r['model_a']} - {r['model_b']} | {r['n_items']} | {r['median_difference']:+.4f} | "
-            f"{_p(r['p_value'])} | {_p(r['p_bonferroni'])} | {'yes' if r['significant'] else 'no'} |"
+            f"{p_value(r['p_value'])} | {p_value(r['p_bonferroni'])} | {'yes' if r['significant'] else 'no'} |"
         )
     if s.get("pairwise_rra"):
         lines += ["", "RRA, pairwise on the same images:", "",
@@ -230,7 +221,7 @@ def _across_models(s: dict[str, Any], names: list[str]) -> list[str]:
         for r in s["pairwise_rra"]:
             lines.append(
                 f"| {r['model_a']} - {r['model_b']} | {r['n_items']} | {r['median_difference']:+.4f} "
-                f"| {_p(r['p_bonferroni'])} | {'yes' if r['significant'] else 'no'} |"
+                f"| {p_value(r['p_bonferroni'])} | {'yes' if r['significant'] else 'no'} |"
             )
     grid = s["overlap_grid"]
     lines += ["", f"MPS overlap on images both models classify correctly (compared on a "

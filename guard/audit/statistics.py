@@ -17,14 +17,7 @@ from scipy import stats
 
 from guard.audit.localisation import LOCALISATION_METRICS, dice, hausdorff
 from guard.audit.run import AuditRecord
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    return float(np.mean(values)) if len(values) else None
-
-
-def _median(values: Sequence[float]) -> float | None:
-    return float(np.median(values)) if len(values) else None
+from guard.numbers import mean, median
 
 
 def model_summary(records: Sequence[AuditRecord]) -> dict[str, Any]:
@@ -39,19 +32,19 @@ def model_summary(records: Sequence[AuditRecord]) -> dict[str, Any]:
         "n_correct": len(right),
         "n_incorrect": len(wrong),
         "accuracy": len(right) / len(records) if records else None,
-        "mps_area_mean": _mean(area),
-        "mps_area_median": _median(area),
-        "mps_area_mean_correct": _mean(right),
-        "mps_area_median_correct": _median(right),
-        "mps_area_mean_incorrect": _mean(wrong),
-        "mps_area_median_incorrect": _median(wrong),
-        "degenerate_fraction": _mean([float(r.degenerate) for r in records]),
+        "mps_area_mean": mean(area),
+        "mps_area_median": median(area),
+        "mps_area_mean_correct": mean(right),
+        "mps_area_median_correct": median(right),
+        "mps_area_mean_incorrect": mean(wrong),
+        "mps_area_median_incorrect": median(wrong),
+        "degenerate_fraction": mean([float(r.degenerate) for r in records]),
         "baseline_class": baseline[0][0] if baseline else None,
         "baseline_class_fraction": baseline[0][1] / len(records) if baseline else None,
     }
     for name in LOCALISATION_METRICS:
         defined = [v for r in records if (v := getattr(r, name)) is not None]
-        summary[name] = _mean(defined)
+        summary[name] = mean(defined)
         summary[f"{name}_n"] = len(defined)
     return summary
 

@@ -22,6 +22,7 @@ from guard.audit.statistics import (
     overlap_matrices,
     pairwise_wilcoxon,
 )
+from guard.numbers import number, p_value
 
 
 @dataclass
@@ -151,16 +152,6 @@ def _friedman_by_family(
     return results
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def _p(value: float | None) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.2g}" if value >= 1e-4 else "< 1e-4"
-
-
 def ranking_paragraph(doc: dict[str, Any]) -> str:
     """Which model needs the most / fewest pixels, which localises best, which differences
     are significant at the chosen level: one paragraph of plain sentences."""
@@ -173,15 +164,15 @@ def ranking_paragraph(doc: dict[str, Any]) -> str:
         return "No model explained any item."
     parts = []
     accurate = max(models, key=lambda m: m["accuracy"] or 0)
-    parts.append(f"Most accurate: {accurate['name']} ({_fmt(accurate['accuracy'])}).")
+    parts.append(f"Most accurate: {accurate['name']} ({number(accurate['accuracy'])}).")
     if len(by_area) == 1:
         m = by_area[0]
-        parts.append(f"{m['name']} needs a mean MPS area of {_fmt(m['mps_area_mean'])}.")
+        parts.append(f"{m['name']} needs a mean MPS area of {number(m['mps_area_mean'])}.")
     else:
         low, high = by_area[0], by_area[-1]
         parts.append(
-            f"Fewest pixels: {low['name']} (mean MPS area {_fmt(low['mps_area_mean'])}); most: "
-            f"{high['name']} ({_fmt(high['mps_area_mean'])})."
+            f"Fewest pixels: {low['name']} (mean MPS area {number(low['mps_area_mean'])}); most: "
+            f"{high['name']} ({number(high['mps_area_mean'])})."
         )
     kw = doc.get("kruskal_wallis")
     if kw is not None:
@@ -190,7 +181,7 @@ def ranking_paragraph(doc: dict[str, Any]) -> str:
         )
         parts.append(
             f"The models' MPS areas {verdict} at level {level} (Kruskal-Wallis H = "
-            f"{kw['statistic']:.1f}, p = {_p(kw['p_value'])})."
+            f"{kw['statistic']:.1f}, p = {p_value(kw['p_value'])})."
         )
     pairwise = doc.get("pairwise") or []
     if pairwise:
@@ -200,11 +191,11 @@ def ranking_paragraph(doc: dict[str, Any]) -> str:
         best = max(located, key=lambda m: m["rra"])
         worst = min(located, key=lambda m: m["rra"])
         parts.append(
-            f"Best localisation against the object masks: {best['name']} (RRA {_fmt(best['rra'])}, "
-            f"MPS precision in mask {_fmt(best['mps_precision_in_mask'])}, pointing game "
-            f"{_fmt(best['pointing_game'])})"
+            f"Best localisation against the object masks: {best['name']} (RRA {number(best['rra'])}, "
+            f"MPS precision in mask {number(best['mps_precision_in_mask'])}, pointing game "
+            f"{number(best['pointing_game'])})"
             + (
-                f"; worst: {worst['name']} (RRA {_fmt(worst['rra'])})."
+                f"; worst: {worst['name']} (RRA {number(worst['rra'])})."
                 if worst is not best
                 else "."
             )
@@ -218,7 +209,7 @@ def ranking_paragraph(doc: dict[str, Any]) -> str:
         parts.append(
             f"Controlling for the model, incorrect predictions have {direction} MPSs by "
             f"{abs(effect['estimate']):.3f} of the image (SE {effect['std_error_clustered']:.3f}, "
-            f"clustered by image; p = {_p(effect['p_value_clustered'])}, "
+            f"clustered by image; p = {p_value(effect['p_value_clustered'])}, "
             f"{'significant' if significant else 'not significant'} at {level})."
         )
     return " ".join(parts)
@@ -235,7 +226,7 @@ def _ordered(row: dict[str, Any]) -> tuple[str, str]:
 def _pairs_sentence(rows: list[dict[str, Any]], what: str, lower_word: str) -> str:
     significant = [
         "{} {} than {} (p = {})".format(
-            _ordered(r)[0], lower_word, _ordered(r)[1], _p(r["p_bonferroni"])
+            _ordered(r)[0], lower_word, _ordered(r)[1], p_value(r["p_bonferroni"])
         )
         for r in rows
         if r["significant"]

@@ -33,6 +33,7 @@ from sklearn.linear_model import LogisticRegression
 from guard.calibration import detection_metrics as metrics
 from guard.calibration.records import ItemRecord
 from guard.errors import InvalidInputError
+from guard.numbers import count, mean, median, number
 from guard.verdict.artifact import (
     SCHEMA_VERSION,
     AurocDifference,
@@ -259,22 +260,6 @@ def _minimum_reference(alpha: float) -> int:
     return n
 
 
-def _mean(values: NDArray[np.float64]) -> float:
-    return float(values.mean()) if values.size else float("nan")
-
-
-def _median(values: NDArray[np.float64]) -> float:
-    return float(np.median(values)) if values.size else float("nan")
-
-
-def _count(n: int, noun: str, plural: str | None = None) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {plural or noun + 's'}"
-
-
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
-
-
 def fit_calibration(
     records: Sequence[ItemRecord],
     *,
@@ -396,10 +381,10 @@ def fit_calibration(
         false_alarm_rate_holdout=flag_rate(evaluation_correct),
         detection_rate_holdout=flag_rate(holdout_incorrect),
         scores=score_metrics,
-        mean_area_correct=_mean(area[~incorrect]),
-        median_area_correct=_median(area[~incorrect]),
-        mean_area_incorrect=_mean(area[incorrect]),
-        median_area_incorrect=_median(area[incorrect]),
+        mean_area_correct=mean(area[~incorrect]),
+        median_area_correct=median(area[~incorrect]),
+        mean_area_incorrect=mean(area[incorrect]),
+        median_area_incorrect=median(area[incorrect]),
         degenerate_fraction=float(np.mean([r.degenerate for r in records])),
         baseline_class_mode=int(baseline_values[mode_at]),
         baseline_class_mode_fraction=float(baseline_counts[mode_at] / n),
@@ -456,7 +441,7 @@ def _notes(
         )
     elif fit_incorrect < FEW_ERRORS:
         notes.append(
-            f"Only {_count(fit_incorrect, 'incorrect prediction')} in the fit split: the area "
+            f"Only {count(fit_incorrect, 'incorrect prediction')} in the fit split: the area "
             "distribution of errors is poorly estimated and the MPS score is noisy. Use "
             "more labelled data."
         )
@@ -471,7 +456,7 @@ def _notes(
         )
     if m.n_holdout_incorrect < FEW_ERRORS:
         notes.append(
-            f"Only {_count(m.n_holdout_incorrect, 'incorrect prediction')} in the held-out "
+            f"Only {count(m.n_holdout_incorrect, 'incorrect prediction')} in the held-out "
             "split: AUROC, AUPR-Error, FPR@95TPR and the detection rate are very uncertain."
         )
     own = sorted(area_model.per_class)
@@ -524,8 +509,8 @@ def _notes(
         )
     gain = m.auroc_gain_combined_over_msp
     notes.append(
-        f"Held-out AUROC: MSP {_fmt(m.scores['msp'].auroc)}, MPS area "
-        f"{_fmt(mps_auroc)}, combined {_fmt(m.scores['combined'].auroc)}."
+        f"Held-out AUROC: MSP {number(m.scores['msp'].auroc, 2)}, MPS area "
+        f"{number(mps_auroc, 2)}, combined {number(m.scores['combined'].auroc, 2)}."
     )
     if gain.estimate is not None and gain.ci_low is not None and gain.ci_high is not None:
         verdict = (
@@ -542,7 +527,7 @@ def _notes(
         needed = _minimum_reference(score_reference.alpha)
         notes.append(
             "The conformal reference has only "
-            f"{_count(m.n_reference_correct, 'held-out correct prediction')}; at least "
+            f"{count(m.n_reference_correct, 'held-out correct prediction')}; at least "
             f"{needed} are needed for alpha={score_reference.alpha:g}, "
             "so nothing will be flagged. Use more labelled data or a larger alpha."
         )

@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 from guard.calibration import detection_metrics as metrics  # noqa: E402
 from guard.calibration.fit import FitResult  # noqa: E402
 from guard.calibration.records import ItemRecord  # noqa: E402
+from guard.numbers import number  # noqa: E402
 from guard.verdict.artifact import CalibrationArtifact  # noqa: E402
 from guard.verdict.scores import suspicion_scores  # noqa: E402
 
@@ -175,7 +176,7 @@ def _plot_roc(path: Path, scores: dict[str, np.ndarray], incorrect: np.ndarray) 
     for kind, score in scores.items():
         fpr, tpr = metrics.roc_curve(score, incorrect)
         value = metrics.auroc(score, incorrect)
-        ax.plot(fpr, tpr, label=f"{SCORE_LABELS[kind]} (AUROC {_fmt(value)})")
+        ax.plot(fpr, tpr, label=f"{SCORE_LABELS[kind]} (AUROC {number(value)})")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
     ax.set_xlabel("false positive rate (correct flagged)")
     ax.set_ylabel("true positive rate (errors flagged)")
@@ -191,19 +192,13 @@ def _plot_risk_coverage(path: Path, scores: dict[str, np.ndarray], incorrect: np
         ax.plot(
             coverage,
             risk,
-            label=f"{SCORE_LABELS[kind]} (AURC {_fmt(metrics.aurc(score, incorrect), 4)})",
+            label=f"{SCORE_LABELS[kind]} (AURC {number(metrics.aurc(score, incorrect), 4)})",
         )
     ax.set_xlabel("coverage (share of predictions kept)")
     ax.set_ylabel("risk (error rate among kept)")
     ax.set_title("Risk-coverage on held-out data")
     ax.legend(fontsize=8)
     _save(fig, path)
-
-
-def _fmt(value: float | None, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and not np.isfinite(value)):
-        return "n/a"
-    return f"{value:.{digits}f}"
 
 
 def _area_row(name: str, areas: list[float]) -> str:
@@ -224,7 +219,7 @@ def _markdown(
         "# Calibration report",
         "",
         f"Model sha256 `{artifact.model.sha256[:16]}...`, score `{facts['score']}`, alpha {facts['alpha']}, "
-        f"{facts['n_items']} items ({facts['n_skipped']} skipped), accuracy {_fmt(facts['accuracy'])}.",
+        f"{facts['n_items']} items ({facts['n_skipped']} skipped), accuracy {number(facts['accuracy'])}.",
         "",
         "## What this calibration can and cannot do",
         "",
@@ -232,10 +227,10 @@ def _markdown(
         "",
         "## Alarm on held-out data",
         "",
-        f"- False-alarm rate on correct predictions: **{_fmt(facts['false_alarm_rate_holdout'])}** "
+        f"- False-alarm rate on correct predictions: **{number(facts['false_alarm_rate_holdout'])}** "
         f"(guaranteed <= {facts['alpha']} in expectation by the split-conformal rule; measured on "
         f"{facts['n_evaluation_correct']} held-out correct items not used for the threshold).",
-        f"- Detection rate on incorrect predictions: **{_fmt(facts['detection_rate_holdout'])}** "
+        f"- Detection rate on incorrect predictions: **{number(facts['detection_rate_holdout'])}** "
         f"({facts['n_holdout_incorrect']} held-out errors).",
         "",
         "## MPS area (the paper's Table 1)",
@@ -246,9 +241,9 @@ def _markdown(
         _area_row("correct", [r.mps_area_fraction for r in records if r.correct]),
         _area_row("incorrect", [r.mps_area_fraction for r in records if not r.correct]),
         "",
-        f"Degenerate MPSs (empty or one chunk): {_fmt(facts['degenerate_fraction'])}. "
+        f"Degenerate MPSs (empty or one chunk): {number(facts['degenerate_fraction'])}. "
         f"The all-baseline input is classified as class {facts['baseline_class']} for "
-        f"{_fmt(facts['baseline_class_fraction'])} of items; {_fmt(facts['baseline_matches_prediction_fraction'])} "
+        f"{number(facts['baseline_class_fraction'])} of items; {number(facts['baseline_matches_prediction_fraction'])} "
         "of items are predicted as their all-baseline class (their MPS is empty).",
         "",
         "![MPS area](mps_area.png)",
@@ -256,23 +251,23 @@ def _markdown(
         "## Is the MPS of an incorrect prediction larger?",
         "",
         f"Two-sided Mann-Whitney U test of MPS area, incorrect ({mw['n_incorrect']}) vs correct "
-        f"({mw['n_correct']}): U = {_fmt(mw['u_statistic'], 1)}, p = {_fmt(mw['p_two_sided'], 4)}; "
-        f"rank-biserial effect size {_fmt(mw['rank_biserial'])} (> 0: incorrect larger). "
+        f"({mw['n_correct']}): U = {number(mw['u_statistic'], 1)}, p = {number(mw['p_two_sided'], 4)}; "
+        f"rank-biserial effect size {number(mw['rank_biserial'])} (> 0: incorrect larger). "
         f"Direction at level {mw['level']}: **{mw['direction']}**. The paper's one-sided hypothesis "
-        f"(incorrect MPSs are larger) has p = {_fmt(mw['p_incorrect_larger'], 4)}.",
+        f"(incorrect MPSs are larger) has p = {number(mw['p_incorrect_larger'], 4)}.",
         "",
         "## Error detection on held-out data",
         "",
         "| score | AUROC | AUPR-Error | FPR at 95% TPR | AURC |",
         "|---|---|---|---|---|",
         *[
-            f"| {SCORE_LABELS[k]} | {_fmt(facts[f'auroc_{k}'])} | {_fmt(facts[f'aupr_error_{k}'])} | "
-            f"{_fmt(facts[f'fpr_at_95_tpr_{k}'])} | {_fmt(facts[f'aurc_{k}'], 4)} |"
+            f"| {SCORE_LABELS[k]} | {number(facts[f'auroc_{k}'])} | {number(facts[f'aupr_error_{k}'])} | "
+            f"{number(facts[f'fpr_at_95_tpr_{k}'])} | {number(facts[f'aurc_{k}'], 4)} |"
             for k in SCORE_KINDS
         ],
         "",
-        f"AUROC(combined) - AUROC(MSP) = {_fmt(gain['estimate'])}, 95% paired-bootstrap interval "
-        f"[{_fmt(gain['ci_low'])}, {_fmt(gain['ci_high'])}] ({gain['n_boot']} resamples).",
+        f"AUROC(combined) - AUROC(MSP) = {number(gain['estimate'])}, 95% paired-bootstrap interval "
+        f"[{number(gain['ci_low'])}, {number(gain['ci_high'])}] ({gain['n_boot']} resamples).",
         "",
         "![ROC](roc.png) ![Risk-coverage](risk_coverage.png)",
         "",

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
+from guard import demo
 from guard.errors import ConfigError
 from guard.service.settings import ServeSettings
 
@@ -96,13 +97,17 @@ def serve(
 
 def _settings(given: dict[str, Any]) -> ServeSettings:
     try:
-        return ServeSettings(**given)
+        settings = ServeSettings(**given)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
             for err in exc.errors()
         )
         raise ConfigError(f"invalid serve settings: {problems}") from None
+    if settings.model is None:  # neither flag nor environment: the bundled demo
+        calibration = settings.calibration or demo.DEMO_CALIBRATION
+        return settings.model_copy(update={"model": demo.DEMO_MODEL, "calibration": calibration})
+    return settings
 
 
 def _configure_logging(level: str) -> None:

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
-from guard import demo
 from guard.engine import MpsEngine, MpsResult
 from guard.errors import ConfigError, ModelLoadError
 from guard.preprocess import Preprocessing, input_from_bytes
@@ -65,8 +64,9 @@ class GuardedModel:
 def load_guarded_model(settings: ServeSettings) -> GuardedModel:
     """Load the model and calibration of ``settings``; ``GuardError`` with one clear message
     when either is missing or unusable or they do not belong together."""
-    model_path = settings.model or demo.DEMO_MODEL
-    calibration_path = settings.calibration or demo.DEMO_CALIBRATION
+    model_path, calibration_path = settings.model, settings.calibration
+    if model_path is None or calibration_path is None:
+        raise ConfigError("a model and its calibration are needed to serve")
     calibration = load_artifact(
         calibration_path,
         model_sha256=_file_sha256(model_path),

@@ -20,7 +20,9 @@ class ServeSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="GUARD_", extra="forbid", frozen=True)
 
-    model: Path | None = Field(default=None, description="ONNX classifier (default: the demo)")
+    model: Path | None = Field(
+        default=None, description="ONNX classifier (the CLI serves the bundled demo without one)"
+    )
     calibration: Path | None = Field(
         default=None, description="calibration JSON from guard calibrate (required with --model)"
     )
