@@ -114,6 +114,42 @@ class MaskedClassifier:
         ]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
+    def class_probabilities(
+        self,
+        images: np.ndarray,
+        baselines: np.ndarray,
+        masks: np.ndarray,
+        image_index: np.ndarray,
+        classes: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Top-1 class, its probability, and the probability of ``classes[i]``, per mutant.
+
+        Mutants are built as in ``evaluate`` (``where(masks[i], images[j], baselines[j])`` with
+        ``j = image_index[i]``), in one model call (one per mutant where ``batch_mode`` is
+        ``single``). Probabilities are the softmax of the model's output for logits models and
+        the output itself for probability models, in float64; the top-1 class is the composed
+        graph's, as the engine sees it. Returns ``(top_classes [N] int64, top_probabilities
+        [N], class_probabilities [N])``.
+        """
+        masks = masks.astype(bool, copy=False)
+        image_index = image_index.astype(np.int64, copy=False)
+        classes = np.asarray(classes, dtype=np.int64)
+        if len(masks) == 0:
+            return np.zeros(0, np.int64), np.zeros(0), np.zeros(0)
+        if self.batch_mode == "single":
+            parts = [
+                self._run(images, baselines, masks[i : i + 1], image_index[i : i + 1], True)
+                for i in range(len(masks))
+            ]
+            top, _, scores = (np.concatenate(p) for p in zip(*parts, strict=True))
+        else:
+            top, _, scores = self._run(images, baselines, masks, image_index, True)
+        probabilities = (
+            _softmax(scores) if self.output_kind == "logits" else scores.astype(np.float64)
+        )
+        rows = np.arange(len(masks))
+        return top, probabilities[rows, top], probabilities[rows, classes]
+
     def model_calls(self, mutants: int) -> int:
         """How many model calls ``evaluate`` makes for this many mutants."""
         return mutants if self.batch_mode == "single" else 1
