@@ -1,4 +1,6 @@
-"""The sidecar's data plane: predict, explain, score and count, for any transport.
+"""The sidecar's data plane, for any transport: which model a request names, whether it is
+admitted, which of its items are checked and when, and the metrics and verdict log of it all.
+Predicting and checking themselves are the ``GuardedModel``'s.
 
 No protobuf here: requests arrive as numpy arrays, answers leave as dataclasses, failures as
 ``GuardError``s. In ``sync`` mode the verdicts of a request's items are in its answer; in
@@ -21,40 +23,20 @@ from typing import Literal
 
 import numpy as np
 
-from guard.engine import MpsEngine, MpsResult
+from guard.engine import MpsResult
 from guard.errors import DeadlineExceededError, OverloadedError, UnknownModelError
 from guard.runtime.classifier import Prediction
 from guard.service.batching import BackgroundQueue, BoundedExplainer, SharedExplainer
 from guard.service.drift import DriftMonitor
-from guard.service.guarded_model import GuardedModel
+from guard.service.guarded_model import VERSION, Check, GuardedModel, ModelMetadata
 from guard.service.metrics import GuardMetrics
 from guard.service.settings import ServeSettings
-from guard.verdict.detector import SCORE_REASON
 
 log = logging.getLogger(__name__)
 verdict_log = logging.getLogger("guard.verdicts")
 
 # What happened to one item's check.
 CheckStatus = Literal["checked", "queued", "not_sampled", "queue_full"]
-VERSION = "1"  # the one version of each served model, as the inference protocol names it
-
-
-@dataclass(frozen=True)
-class Check:
-    """The guard's verdict on one prediction, with the MPS it rests on."""
-
-    predicted_class: int
-    predicted_name: str
-    confidence: float
-    mps_area_fraction: float
-    degenerate: bool
-    score: float
-    p_value: float
-    flagged: bool
-    reason: str
-    model_evaluations: int
-    model_calls: int
-    mps_mask: np.ndarray  # bool [H, W]
 
 
 @dataclass(frozen=True)
@@ -68,7 +50,6 @@ class Timings:
 class Inference:
     """A request's predictions, and the check of each item where it was done in the request."""
 
-    model: GuardedModel
     prediction: Prediction
     status: list[CheckStatus]
     checks: list[Check | None]
@@ -86,43 +67,18 @@ class _Pending:
     margin: float
 
 
-class _CountingEvaluator:
-    """The model runtime as the engine sees it, counting the model calls and evaluations spent
-    on MPSs (per batch, so shared calls are counted once)."""
-
-    def __init__(self, model: GuardedModel, metrics: GuardMetrics) -> None:
-        self._inner = model.classifier
-        self.spec = self._inner.spec
-        self._calls = metrics.model_calls.labels(model=model.name)
-        self._evaluations = metrics.model_evaluations.labels(model=model.name)
-
-    def check_images(self, images: np.ndarray) -> np.ndarray:
-        return self._inner.check_images(images)
-
-    def evaluate(
-        self, images: np.ndarray, baselines: np.ndarray, masks: np.ndarray, image_index: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        answer = self._inner.evaluate(images, baselines, masks, image_index)
-        self._calls.inc(self._inner.model_calls(len(masks)))
-        self._evaluations.inc(len(masks))
-        return answer
-
-    def model_calls(self, mutants: int) -> int:
-        return self._inner.model_calls(mutants)
-
-
 class _Served:
     """One model with its own drift window and, depending on settings, its work queues."""
 
     def __init__(self, model: GuardedModel, settings: ServeSettings, metrics: GuardMetrics) -> None:
         self.model = model
-        self.engine = MpsEngine(_CountingEvaluator(model, metrics), model.engine.settings)
         reference = model.calibration.area_reference
         self.drift = DriftMonitor(reference, settings.drift_window) if reference else None
+        explain_batch = model.engine.explain_batch
         on_batch = metrics.shared_batch.labels(model=model.name).observe
         self.shared = (
             SharedExplainer(
-                self.engine.explain_batch,
+                explain_batch,
                 max_items=settings.max_batch_items,
                 max_wait=settings.batch_wait_ms / 1000.0,
                 workers=settings.explain_workers,
@@ -132,7 +88,7 @@ class _Served:
             else None
         )
         self.on_batch = on_batch
-        self.own = BoundedExplainer(self.engine.explain_batch, workers=settings.explain_workers)
+        self.own = BoundedExplainer(explain_batch, workers=settings.explain_workers)
         self.background: BackgroundQueue[_Pending] | None = None
 
     def explain(self, images: np.ndarray, deadline: float | None) -> list[MpsResult]:
@@ -151,8 +107,8 @@ def _shares(settings: ServeSettings, model: GuardedModel) -> bool:
 
 
 class DataPlane:
-    """Serves guarded models: ``infer`` (a batch, verdicts by mode) and ``explain`` (one item,
-    always its full verdict)."""
+    """Serves guarded models: ``metadata`` (the one lookup of a request), then ``infer`` (a
+    batch, verdicts by mode) or ``explain`` (one item, always its full verdict)."""
 
     def __init__(
         self, models: Sequence[GuardedModel], settings: ServeSettings, metrics: GuardMetrics
@@ -180,19 +136,12 @@ class DataPlane:
                 mode=settings.mode,
                 score_kind=detector.score_kind,
                 alpha=detector.alpha,
+                flag_reasons=model.flag_reasons,
                 queue_capacity=settings.queue_size if settings.mode == "async" else 0,
                 drift=served.drift,
                 area_reference=model.calibration.area_reference,
                 queue_depth=served.background.depth if served.background else None,
             )
-            # Zero series for the flag reasons this calibration can give and for every skip
-            # reason, so that rates exist from the start.
-            reasons = [SCORE_REASON[detector.score_kind]]
-            reasons += ["myopic_mps"] if detector.flag_small_tail else []
-            for reason in reasons:
-                metrics.flagged.labels(model.name, reason)
-            for skip in ("not_sampled", "queue_full", "deadline", "error"):
-                metrics.skipped.labels(model.name, skip)
 
     # -- lookup -------------------------------------------------------------------------------
 
@@ -200,15 +149,18 @@ class DataPlane:
     def models(self) -> list[GuardedModel]:
         return [served.model for served in self._served.values()]
 
+    @property
+    def default_name(self) -> str:
+        """The model a request without a name gets (where its protocol allows): the first."""
+        return next(iter(self._served))
+
     def label(self, name: str) -> str:
         """``name`` as a metric label: a served model's name, else "unknown" (bounded labels)."""
         return name if name in self._served else "unknown"
 
-    def model(self, name: str, version: str = "") -> GuardedModel:
-        """The served model called ``name`` (version empty or the one served)."""
-        return self._lookup(name, version).model
-
-    def _lookup(self, name: str, version: str) -> _Served:
+    def metadata(self, name: str, version: str = "") -> ModelMetadata:
+        """The served model called ``name`` (version empty or the one served), as a client
+        may see it; ``UnknownModelError`` when there is none."""
         served = self._served.get(name)
         if served is None:
             known = ", ".join(sorted(self._served))
@@ -217,7 +169,7 @@ class DataPlane:
             raise UnknownModelError(
                 f"model {name!r} has no version {version!r}; it has version {VERSION}"
             )
-        return served
+        return served.model.metadata
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -236,24 +188,23 @@ class DataPlane:
 
     def infer(
         self,
-        model_name: str,
+        model: ModelMetadata,
         images: np.ndarray,
         *,
         request_id: str,
-        version: str = "",
         deadline: float | None = None,
     ) -> Inference:
-        """Predict a batch; check each sampled item now (sync) or in the background (async)."""
+        """Predict a batch for ``model`` (from ``metadata``); check each sampled item now
+        (sync) or in the background (async)."""
         started = time.perf_counter()
-        served = self._lookup(model_name, version)
-        model, name = served.model, served.model.name
+        served = self._served[model.name]
         prediction, predicted = self._predict(served, images, started)
 
         sampled = [self._sampled() for _ in range(len(images))]
         status: list[CheckStatus] = ["not_sampled"] * len(images)
         checks: list[Check | None] = [None] * len(images)
         chosen = [i for i, s in enumerate(sampled) if s]
-        self.metrics.skipped.labels(name, "not_sampled").inc(len(images) - len(chosen))
+        self.metrics.skipped.labels(model.name, "not_sampled").inc(len(images) - len(chosen))
         if served.background is not None:
             for i in chosen:
                 pending = _Pending(
@@ -265,7 +216,7 @@ class DataPlane:
                 )
                 status[i] = "queued" if served.background.submit(pending) else "queue_full"
                 if status[i] == "queue_full":
-                    self.metrics.skipped.labels(name, "queue_full").inc()
+                    self.metrics.skipped.labels(model.name, "queue_full").inc()
         elif chosen:
             found = self._check(
                 served,
@@ -279,21 +230,21 @@ class DataPlane:
             for i, check in zip(chosen, found, strict=True):
                 status[i], checks[i] = "checked", check
         timings = self._finish(served, started, predicted)
-        return Inference(model, prediction, status, checks, timings)
+        return Inference(prediction, status, checks, timings)
 
     def explain(
         self,
-        model_name: str,
+        model: ModelMetadata,
         image: np.ndarray | bytes,
         *,
         request_id: str,
         deadline: float | None = None,
-    ) -> tuple[GuardedModel, Check, Timings]:
-        """Predict and check one item (a model input, or encoded image bytes), whatever the mode."""
+    ) -> tuple[Check, Timings]:
+        """Predict and check one item for ``model`` (from ``metadata``): a model input, or
+        encoded image bytes; whatever the mode."""
         started = time.perf_counter()
-        served = self._lookup(model_name, "")
-        model = served.model
-        images = (model.decode(image) if isinstance(image, bytes) else image)[None]
+        served = self._served[model.name]
+        images = (served.model.decode(image) if isinstance(image, bytes) else image)[None]
         prediction, predicted = self._predict(served, images, started)
         (check,) = self._check(
             served,
@@ -304,7 +255,7 @@ class DataPlane:
             items=[0],
             deadline=deadline,
         )
-        return model, check, self._finish(served, started, predicted)
+        return check, self._finish(served, started, predicted)
 
     def close(self, timeout: float | None = None) -> None:
         """Finish background checks within ``timeout``, then stop the workers."""
@@ -354,35 +305,18 @@ class DataPlane:
         items: Sequence[int],
         deadline: float | None,
     ) -> list[Check]:
-        """MPS, score and counts of items already predicted."""
+        """The checks of items already predicted, counted and logged."""
         name = served.model.name
         started = time.perf_counter()
-        if deadline is not None and time.monotonic() >= deadline:
-            self.metrics.skipped.labels(name, "deadline").inc(len(images))
-            raise DeadlineExceededError("the deadline passed before the MPS could be computed")
         try:
-            results = served.explain(images, deadline)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceededError("the deadline passed before the MPS could be computed")
+            checks = served.model.check(
+                images, confidences, margins, deadline=deadline, explain=served.explain
+            )
         except DeadlineExceededError:
             self.metrics.skipped.labels(name, "deadline").inc(len(images))
             raise
-        verdicts = served.model.score(results, confidences, margins)
-        checks = [
-            Check(
-                predicted_class=r.predicted_class,
-                predicted_name=served.model.class_name(r.predicted_class),
-                confidence=float(confidences[k]),
-                mps_area_fraction=r.mps_area_fraction,
-                degenerate=r.degenerate,
-                score=float(verdicts.score[k]),
-                p_value=float(verdicts.p_value[k]),
-                flagged=bool(verdicts.flagged[k]),
-                reason=str(verdicts.reason[k]),
-                model_evaluations=r.model_evaluations,
-                model_calls=r.model_calls,
-                mps_mask=r.mps_mask,
-            )
-            for k, r in enumerate(results)
-        ]
         self._count(served, checks, time.perf_counter() - started, request_ids, items)
         return checks
 

@@ -21,6 +21,8 @@ AREA_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 # The quantiles the dashboard overlays on the served areas' own (from the histogram).
 CALIBRATION_QUANTILES = (0.1, 0.5, 0.9)
+# Why a prediction went unchecked (the ``reason`` of guard_skipped_checks_total).
+SKIP_REASONS = ("not_sampled", "queue_full", "deadline", "error")
 
 
 class GuardMetrics:
@@ -150,12 +152,15 @@ class GuardMetrics:
         mode: str,
         score_kind: str,
         alpha: float,
+        flag_reasons: Sequence[str],
         queue_capacity: int,
         drift: DriftMonitor | None,
         area_reference: Sequence[float] | None,
         queue_depth: Callable[[], float] | None = None,
     ) -> None:
-        """Static facts of a served model, and the drift gauges read at scrape time."""
+        """Static facts of a served model, the drift gauges read at scrape time, and a zero
+        series for every counter, flag reason (those its calibration can give) and skip reason,
+        so that rates and ratios are defined before traffic."""
         self.info.labels(model=model).info(
             {"provider": provider, "sha256": sha256, "mode": mode, "score_kind": score_kind}
         )
@@ -173,6 +178,21 @@ class GuardMetrics:
         if drift is not None:
             self.drift.labels(model=model).set_function(drift.distance)
             self.drift_items.labels(model=model).set_function(drift.items)
-        # Zero-valued series from the start, so rates and ratios are defined before traffic.
         for counter in (self.predictions, self.checked, self.model_evaluations, self.model_calls):
             counter.labels(model=model)
+        for reason in flag_reasons:
+            self.flagged.labels(model=model, reason=reason)
+        for reason in SKIP_REASONS:
+            self.skipped.labels(model=model, reason=reason)
+
+    def model_call_counter(self, model: str) -> Callable[[int, int], None]:
+        """A hook for ``model``'s engine: counts the model calls and evaluations of its MPSs
+        (told per model call, so calls shared by several items count once)."""
+        calls = self.model_calls.labels(model=model)
+        evaluations = self.model_evaluations.labels(model=model)
+
+        def count(model_calls: int, model_evaluations: int) -> None:
+            calls.inc(model_calls)
+            evaluations.inc(model_evaluations)
+
+        return count

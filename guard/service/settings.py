@@ -90,6 +90,11 @@ class ServeSettings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_verdicts: bool = Field(default=True, description="one JSON log line per verdict")
 
+    @property
+    def served_name(self) -> str:
+        """The name clients use: ``model_name``, else the model file's stem ("" without one)."""
+        return self.model_name or (self.model.stem if self.model is not None else "")
+
     @model_validator(mode="after")
     def _consistent(self) -> Self:
         if self.model is not None and self.calibration is None:

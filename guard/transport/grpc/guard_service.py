@@ -9,11 +9,11 @@ import grpc
 import numpy as np
 
 from guard.errors import InvalidInputError
-from guard.service.data_plane import DataPlane
+from guard.service.data_plane import DataPlane, Timings
+from guard.service.guarded_model import Check, ModelMetadata
 from guard.transport.grpc import tensors
 from guard.transport.grpc.generated.guard.v1 import guard_pb2 as pb
 from guard.transport.grpc.generated.guard.v1 import guard_pb2_grpc as pb_grpc
-from guard.transport.grpc.generated.inference import grpc_predict_v2_pb2 as oip
 from guard.transport.grpc.status import Servicer, deadline_of, rpc
 
 
@@ -23,8 +23,8 @@ class GuardServicer(pb_grpc.GuardServiceServicer, Servicer):
         self.metrics = plane.metrics
 
     def _model_name(self, request: pb.ExplainRequest) -> str:
-        # An empty name is the server's default model: its first.
-        return request.model_name or self.plane.models[0].name
+        # An empty name is the server's default model.
+        return request.model_name or self.plane.default_name
 
     def model_label(self, request: Any) -> str:
         return self.plane.label(self._model_name(request))
@@ -32,64 +32,78 @@ class GuardServicer(pb_grpc.GuardServiceServicer, Servicer):
     @rpc("Explain", heavy=True)
     def Explain(self, request: pb.ExplainRequest, context: grpc.ServicerContext) -> Any:
         with self.plane.admitted():
-            model = self.plane.model(self._model_name(request))
-            image: np.ndarray | bytes
-            if request.WhichOneof("input") == "image":
-                image = request.image
-                if not image:
-                    raise InvalidInputError("image: no bytes")
-            elif request.WhichOneof("input") == "tensor":
-                image = self._tensor(request.tensor, model.classifier.spec)
-            else:
-                raise InvalidInputError("the request has no input: set image or tensor")
+            model = self.plane.metadata(self._model_name(request))
+            image = explain_input(request, model)
             request_id = request.request_id or uuid.uuid4().hex
-            model, check, timings = self.plane.explain(
-                model.name, image, request_id=request_id, deadline=deadline_of(context)
+            check, timings = self.plane.explain(
+                model, image, request_id=request_id, deadline=deadline_of(context)
             )
-        response = pb.ExplainResponse(
-            request_id=request_id,
-            model_name=model.name,
-            predicted_class=check.predicted_class,
-            predicted_name=check.predicted_name,
-            confidence=check.confidence,
-            mps_area_fraction=check.mps_area_fraction,
-            degenerate=check.degenerate,
-            score=check.score,
-            p_value=check.p_value,
-            flagged=check.flagged,
-            reason="" if check.reason == "ok" else check.reason,
-            model_evaluations=check.model_evaluations,
-            model_calls=check.model_calls,
-            timings=pb.Timings(
-                predict_seconds=timings.predict_seconds,
-                explain_seconds=timings.explain_seconds,
-                total_seconds=timings.total_seconds,
-            ),
-        )
-        if request.include_mask:
-            mask = check.mps_mask
-            response.mask.CopyFrom(
-                pb.Mask(
-                    height=mask.shape[0],
-                    width=mask.shape[1],
-                    packed_bits=np.packbits(mask.ravel()).tobytes(),
-                )
-            )
-        return response
+        return explain_response(check, timings, model, request_id, request.include_mask)
 
-    def _tensor(self, tensor: pb.Tensor, spec: Any) -> np.ndarray:
-        """A guard.v1 tensor (with or without a batch axis of 1) as one model input."""
-        shape = list(tensor.shape)
-        if len(shape) == len(spec.input_shape):
-            shape = [1, *shape]
-        as_oip = oip.ModelInferRequest.InferInputTensor(
-            name="tensor", datatype=tensor.datatype, shape=shape
+
+# -- conversions ------------------------------------------------------------------------------
+
+
+def explain_input(request: pb.ExplainRequest, model: ModelMetadata) -> np.ndarray | bytes:
+    """The request's encoded image, or its tensor as one model input."""
+    match request.WhichOneof("input"):
+        case "image":
+            if not request.image:
+                raise InvalidInputError("image: no bytes")
+            return request.image
+        case "tensor":
+            return _one_item(request.tensor, model)
+        case _:
+            raise InvalidInputError("the request has no input: set image or tensor")
+
+
+def _one_item(tensor: pb.Tensor, model: ModelMetadata) -> np.ndarray:
+    """A guard.v1 tensor (with or without a batch axis of 1) as one model input."""
+    shape = list(tensor.shape)
+    if len(shape) == len(model.input_shape):
+        shape = [1, *shape]
+    batch = tensors.decode_array(
+        "tensor",
+        tensor.datatype,
+        shape,
+        tensor.raw,
+        dtype=model.input_dtype,
+        item_shape=model.input_shape,
+        max_items=1,
+    )
+    return batch[0]
+
+
+def explain_response(
+    check: Check, timings: Timings, model: ModelMetadata, request_id: str, include_mask: bool
+) -> pb.ExplainResponse:
+    response = pb.ExplainResponse(
+        request_id=request_id,
+        model_name=model.name,
+        predicted_class=check.predicted_class,
+        predicted_name=check.predicted_name,
+        confidence=check.confidence,
+        mps_area_fraction=check.mps_area_fraction,
+        degenerate=check.degenerate,
+        score=check.score,
+        p_value=check.p_value,
+        flagged=check.flagged,
+        reason="" if check.reason == "ok" else check.reason,
+        model_evaluations=check.model_evaluations,
+        model_calls=check.model_calls,
+        timings=pb.Timings(
+            predict_seconds=timings.predict_seconds,
+            explain_seconds=timings.explain_seconds,
+            total_seconds=timings.total_seconds,
+        ),
+    )
+    if include_mask:
+        mask = check.mps_mask
+        response.mask.CopyFrom(
+            pb.Mask(
+                height=mask.shape[0],
+                width=mask.shape[1],
+                packed_bits=np.packbits(mask.ravel()).tobytes(),
+            )
         )
-        batch = tensors.decode_input(
-            as_oip,
-            tensor.raw,
-            datatype=tensors.datatype_of(spec.dtype),
-            item_shape=spec.input_shape,
-            max_items=1,
-        )
-        return batch[0]
+    return response

@@ -16,14 +16,12 @@ import numpy as np
 
 from guard import __version__
 from guard.errors import InvalidInputError
-from guard.service.data_plane import VERSION, Check, DataPlane, Inference
+from guard.service.data_plane import DataPlane, Inference
+from guard.service.guarded_model import VERSION, Check, ModelMetadata
 from guard.transport.grpc import tensors
 from guard.transport.grpc.generated.inference import grpc_predict_v2_pb2 as pb
 from guard.transport.grpc.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from guard.transport.grpc.status import Servicer, deadline_of, rpc
-
-PLATFORM = "onnxruntime_onnx"
-
 
 # The verdict tensors: name -> (datatype, value of a checked item, value of an unchecked one).
 GUARD_OUTPUTS: dict[str, tuple[str, Callable[[Check], Any], Any]] = {
@@ -33,17 +31,6 @@ GUARD_OUTPUTS: dict[str, tuple[str, Callable[[Check], Any], Any]] = {
     "guard_score": ("FP32", lambda check: check.score, np.nan),
     "guard_p_value": ("FP32", lambda check: check.p_value, np.nan),
 }
-
-
-def _guard_outputs(inference: Inference) -> dict[str, np.ndarray]:
-    """One value per item of each verdict tensor; unchecked items get the empty value."""
-    return {
-        name: np.array(
-            [empty if c is None else value(c) for c in inference.checks],
-            dtype=tensors.DATATYPES[datatype],
-        )
-        for name, (datatype, value, empty) in GUARD_OUTPUTS.items()
-    }
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer, Servicer):
@@ -67,7 +54,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer, Servicer):
 
     @rpc("ModelReady")
     def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.ServicerContext) -> Any:
-        self.plane.model(request.name, request.version)
+        self.plane.metadata(request.name, request.version)
         return pb.ModelReadyResponse(ready=self._ready())
 
     @rpc("ServerMetadata")
@@ -78,99 +65,123 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer, Servicer):
 
     @rpc("ModelMetadata")
     def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.ServicerContext) -> Any:
-        model = self.plane.model(request.name, request.version)
-        spec = model.classifier.spec
-        meta = pb.ModelMetadataResponse.TensorMetadata
-        num_classes = spec.num_classes or model.calibration.model.num_classes
-        outputs = [
-            meta(name=spec.output_name, datatype="FP32", shape=[-1, num_classes]),
-            *(
-                meta(name=name, datatype=datatype, shape=[-1])
-                for name, (datatype, _, _) in GUARD_OUTPUTS.items()
-            ),
-        ]
-        return pb.ModelMetadataResponse(
-            name=model.name,
-            versions=[VERSION],
-            platform=PLATFORM,
-            inputs=[
-                meta(
-                    name=spec.input_name,
-                    datatype=tensors.datatype_of(spec.dtype),
-                    shape=[-1, *spec.input_shape],
-                )
-            ],
-            outputs=outputs,
-        )
+        return metadata_response(self.plane.metadata(request.name, request.version))
 
     @rpc("ModelInfer", heavy=True)
     def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> Any:
         with self.plane.admitted():
-            model = self.plane.model(request.model_name, request.model_version)
-            images = self._images(request, model.classifier.spec)
-            requested = [o.name for o in request.outputs]
-            known = (model.classifier.spec.output_name, *GUARD_OUTPUTS)
-            unknown = [name for name in requested if name not in known]
-            if unknown:
-                raise InvalidInputError(
-                    f"unknown output(s) {', '.join(map(repr, unknown))}; this model has "
-                    f"{', '.join(known)}"
-                )
+            model = self.plane.metadata(request.model_name, request.model_version)
+            images = input_images(request, model, max_items=self.plane.settings.max_request_items)
+            requested = requested_outputs(request, model)
             request_id = request.id or uuid.uuid4().hex
             inference = self.plane.infer(
-                model.name,
-                images,
-                request_id=request_id,
-                version=request.model_version,
-                deadline=deadline_of(context),
+                model, images, request_id=request_id, deadline=deadline_of(context)
             )
-        return self._response(inference, request_id, requested)
+        return infer_response(inference, model, request_id, requested)
 
-    def _images(self, request: pb.ModelInferRequest, spec: Any) -> np.ndarray:
-        if len(request.inputs) != 1:
-            raise InvalidInputError(
-                f"the model takes exactly one input, {spec.input_name!r}; the request has "
-                f"{len(request.inputs)}"
-            )
-        tensor = request.inputs[0]
-        if tensor.name != spec.input_name:
-            raise InvalidInputError(
-                f"unknown input {tensor.name!r}; the model's input is {spec.input_name!r}"
-            )
-        raw_count = len(request.raw_input_contents)
-        if raw_count and tensors.has_typed_contents(tensor):
-            raise InvalidInputError(
-                "the request mixes raw_input_contents with typed contents; use one or the other"
-            )
-        if raw_count > 1:
-            raise InvalidInputError(
-                f"raw_input_contents holds {raw_count} entries for 1 input; send exactly one"
-            )
-        return tensors.decode_input(
-            tensor,
-            request.raw_input_contents[0] if raw_count else None,
-            datatype=tensors.datatype_of(spec.dtype),
-            item_shape=spec.input_shape,
-            max_items=self.plane.settings.max_request_items,
-        )
 
-    def _response(self, inference: Inference, request_id: str, requested: list[str]) -> Any:
-        model = inference.model
-        items = len(inference.status)
-        arrays = {model.classifier.spec.output_name: inference.prediction.scores}
-        if items > 1 or any(name in GUARD_OUTPUTS for name in requested):
-            arrays.update(_guard_outputs(inference))
-        names = requested or list(arrays)
-        response = pb.ModelInferResponse(
-            model_name=model.name, model_version=VERSION, id=request_id
+# -- conversions ------------------------------------------------------------------------------
+
+
+def metadata_response(model: ModelMetadata) -> pb.ModelMetadataResponse:
+    meta = pb.ModelMetadataResponse.TensorMetadata
+    outputs = [
+        meta(name=model.output_name, datatype="FP32", shape=[-1, model.num_classes]),
+        *(
+            meta(name=name, datatype=datatype, shape=[-1])
+            for name, (datatype, _, _) in GUARD_OUTPUTS.items()
+        ),
+    ]
+    return pb.ModelMetadataResponse(
+        name=model.name,
+        versions=list(model.versions),
+        platform=model.platform,
+        inputs=[
+            meta(
+                name=model.input_name,
+                datatype=tensors.datatype_of(model.input_dtype),
+                shape=[-1, *model.input_shape],
+            )
+        ],
+        outputs=outputs,
+    )
+
+
+def input_images(
+    request: pb.ModelInferRequest, model: ModelMetadata, *, max_items: int
+) -> np.ndarray:
+    """The batch of a ModelInfer request: its one input, named as the model's."""
+    if len(request.inputs) != 1:
+        raise InvalidInputError(
+            f"the model takes exactly one input, {model.input_name!r}; the request has "
+            f"{len(request.inputs)}"
         )
-        for name in names:
-            meta, data = tensors.encode_output(name, arrays[name])
-            response.outputs.append(meta)
-            response.raw_output_contents.append(data)
-        if items == 1:
-            _set_verdict_parameters(response.parameters, inference)
-        return response
+    tensor = request.inputs[0]
+    if tensor.name != model.input_name:
+        raise InvalidInputError(
+            f"unknown input {tensor.name!r}; the model's input is {model.input_name!r}"
+        )
+    raw_count = len(request.raw_input_contents)
+    if raw_count and tensors.has_typed_contents(tensor):
+        raise InvalidInputError(
+            "the request mixes raw_input_contents with typed contents; use one or the other"
+        )
+    if raw_count > 1:
+        raise InvalidInputError(
+            f"raw_input_contents holds {raw_count} entries for 1 input; send exactly one"
+        )
+    return tensors.decode_array(
+        tensor.name,
+        tensor.datatype,
+        tensor.shape,
+        request.raw_input_contents[0] if raw_count else tensor.contents,
+        dtype=model.input_dtype,
+        item_shape=model.input_shape,
+        max_items=max_items,
+    )
+
+
+def requested_outputs(request: pb.ModelInferRequest, model: ModelMetadata) -> list[str]:
+    """The outputs a request names (none: the default ones), each one the model has."""
+    requested = [o.name for o in request.outputs]
+    known = (model.output_name, *GUARD_OUTPUTS)
+    unknown = [name for name in requested if name not in known]
+    if unknown:
+        raise InvalidInputError(
+            f"unknown output(s) {', '.join(map(repr, unknown))}; this model has {', '.join(known)}"
+        )
+    return requested
+
+
+def infer_response(
+    inference: Inference, model: ModelMetadata, request_id: str, requested: list[str]
+) -> pb.ModelInferResponse:
+    """The model's output as it is, and the verdicts: as parameters for one item, as tensors
+    for several (or when asked for by name)."""
+    items = len(inference.status)
+    arrays = {model.output_name: inference.prediction.scores}
+    if items > 1 or any(name in GUARD_OUTPUTS for name in requested):
+        arrays.update(_guard_outputs(inference))
+    names = requested or list(arrays)
+    response = pb.ModelInferResponse(model_name=model.name, model_version=VERSION, id=request_id)
+    for name in names:
+        meta, data = tensors.encode_output(name, arrays[name])
+        response.outputs.append(meta)
+        response.raw_output_contents.append(data)
+    if items == 1:
+        _set_verdict_parameters(response.parameters, inference)
+    return response
+
+
+def _guard_outputs(inference: Inference) -> dict[str, np.ndarray]:
+    """One value per item of each verdict tensor; unchecked items get the empty value."""
+    return {
+        name: np.array(
+            [empty if c is None else value(c) for c in inference.checks],
+            dtype=tensors.DATATYPES[datatype],
+        )
+        for name, (datatype, value, empty) in GUARD_OUTPUTS.items()
+    }
 
 
 def _set_verdict_parameters(parameters: Any, inference: Inference) -> None:

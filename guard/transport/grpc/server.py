@@ -39,16 +39,15 @@ class Sidecar:
     """Loads the model, binds both ports on ``start``, drains on ``stop``."""
 
     def __init__(
-        self,
-        settings: ServeSettings,
-        *,
-        registry: CollectorRegistry | None = None,
-        models: list[GuardedModel] | None = None,
+        self, settings: ServeSettings, *, registry: CollectorRegistry | None = None
     ) -> None:
         self.settings = settings
         self.registry = registry or CollectorRegistry()
         self.metrics = GuardMetrics(self.registry)
-        self.plane = DataPlane(models or [load_guarded_model(settings)], settings, self.metrics)
+        model = load_guarded_model(
+            settings, on_model_call=self.metrics.model_call_counter(settings.served_name)
+        )
+        self.plane = DataPlane([model], settings, self.metrics)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._draining = threading.Event()
         self._server: grpc.Server | None = None

@@ -1,8 +1,9 @@
-"""Open Inference Protocol tensors <-> numpy arrays, with every check a request deserves.
+"""Tensors of both protocols <-> numpy arrays, with every check a request's tensor deserves.
 
-Datatype names and the typed-contents field of each are the protocol's (KServe v2). Inputs
-come as ``raw_input_contents`` (little-endian, row-major) or as typed contents, never both
-in one request. Outputs are always sent raw.
+Datatype names and the typed-contents field of each are the Open Inference Protocol's
+(KServe v2); guard.v1 tensors use the same names and carry raw bytes. Inputs come as raw
+bytes (little-endian, row-major) or as typed contents, never both in one request. Outputs
+are always sent raw.
 """
 
 from __future__ import annotations
@@ -54,24 +55,29 @@ def datatype_of(dtype: np.dtype) -> str:
     raise ValueError(f"no Open Inference Protocol datatype for {dtype}")
 
 
-def decode_input(
-    tensor: pb.ModelInferRequest.InferInputTensor,
-    raw: bytes | None,
-    *,
+def decode_array(
+    name: str,
     datatype: str,
+    shape: Sequence[int],
+    data: bytes | pb.InferTensorContents,
+    *,
+    dtype: np.dtype,
     item_shape: Sequence[int],
     max_items: int,
 ) -> np.ndarray:
-    """The batch an input tensor carries, checked against what the model takes.
+    """The batch [N, *item_shape] a tensor carries, checked against what the model takes
+    (``dtype``, ``item_shape``) and what the server takes (``max_items``).
 
-    ``raw`` is the tensor's entry of ``raw_input_contents`` (None when the request has none).
+    ``data`` is the tensor's raw little-endian bytes, or its typed contents. The values are
+    not checked here: ``GuardedModel.predict`` does that, once per request.
     """
-    name = tensor.name
-    if tensor.datatype != datatype:
+    expected_datatype = datatype_of(dtype)
+    if datatype != expected_datatype:
         raise InvalidInputError(
-            f"input {name!r} has datatype {tensor.datatype or '(none)'}; the model takes {datatype}"
+            f"input {name!r} has datatype {datatype or '(none)'}; the model takes "
+            f"{expected_datatype}"
         )
-    shape = list(tensor.shape)
+    shape = list(shape)
     expected = ", ".join(map(str, item_shape))
     if len(shape) != len(item_shape) + 1 or shape[1:] != list(item_shape) or shape[0] < 1:
         raise InvalidInputError(
@@ -83,24 +89,24 @@ def decode_input(
             "per request"
         )
     count = math.prod(shape)
-    dtype = DATATYPES[datatype]
-    if raw is not None:
-        if len(raw) == 0:
+    wire = DATATYPES[datatype]  # little-endian, as the protocol sends it
+    if isinstance(data, bytes):
+        if len(data) == 0:
             raise InvalidInputError(f"input {name!r} has no data (empty raw contents)")
-        if len(raw) != count * dtype.itemsize:
+        if len(data) != count * wire.itemsize:
             raise InvalidInputError(
-                f"input {name!r}: raw contents hold {len(raw)} bytes; shape {shape} of "
-                f"{datatype} needs {count * dtype.itemsize}"
+                f"input {name!r}: raw contents hold {len(data)} bytes; shape {shape} of "
+                f"{datatype} needs {count * wire.itemsize}"
             )
-        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+        return np.frombuffer(data, dtype=wire).reshape(shape)
     field = _CONTENTS_FIELD.get(datatype)
-    others = [f for f in _ALL_FIELDS if f != field and len(getattr(tensor.contents, f))]
+    others = [f for f in _ALL_FIELDS if f != field and len(getattr(data, f))]
     if others:
         raise InvalidInputError(
             f"input {name!r} of datatype {datatype} carries values in {', '.join(others)}; "
             f"use {f'contents.{field}' if field else 'raw_input_contents'}"
         )
-    values = getattr(tensor.contents, field) if field else ()
+    values = getattr(data, field) if field else ()
     if len(values) == 0:
         raise InvalidInputError(
             f"input {name!r} has no data: send raw_input_contents or contents.{field or '(raw only)'}"
@@ -109,7 +115,7 @@ def decode_input(
         raise InvalidInputError(
             f"input {name!r}: contents hold {len(values)} values; shape {shape} needs {count}"
         )
-    return np.asarray(values, dtype=dtype).reshape(shape)
+    return np.asarray(values, dtype=wire).reshape(shape)
 
 
 def has_typed_contents(tensor: pb.ModelInferRequest.InferInputTensor) -> bool:
