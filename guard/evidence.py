@@ -439,3 +439,38 @@ def stability_features(first: MpsResult, second: MpsResult) -> dict[str, float]:
         "seed_dice": float(dice),
         "seed_log_area_ratio": abs(_floored_log_area(a) - _floored_log_area(b)),
     }
+
+
+def item_features(
+    classifier: ProbabilityEvaluator,
+    baseline: Baseline,
+    images: np.ndarray,
+    scores: np.ndarray,
+    output_kind: Literal["logits", "probabilities"],
+    results: Sequence[MpsResult],
+    *,
+    groups: Collection[str] = ("confidence", *MPS_GROUPS),
+    second: Sequence[MpsResult] | None = None,
+) -> list[dict[str, float]]:
+    """Every asked feature of each explained item, confidence and MPS groups together.
+
+    ``scores`` is the model's own output for ``images`` (``Prediction.scores``); ``second``
+    the MPSs of a second seed, for the ``stability`` group.
+    """
+    rows: list[dict[str, float]] = [{} for _ in results]
+    if "confidence" in groups:
+        confidence = confidence_features(scores, output_kind)
+        for i, row in enumerate(rows):
+            row.update({name: float(values[i]) for name, values in confidence.items()})
+    mps_groups = [g for g in MPS_GROUPS if g in groups]
+    if mps_groups:
+        baselines = baselines_for(classifier, images, baseline)
+        found = mps_features(classifier, images, baselines, results, groups=mps_groups)
+        for row, extra in zip(rows, found, strict=True):
+            row.update(extra)
+    if "stability" in groups:
+        if second is None:
+            raise ValueError("the stability features need a second seed's MPSs")
+        for row, a, b in zip(rows, results, second, strict=True):
+            row.update(stability_features(a, b))
+    return rows

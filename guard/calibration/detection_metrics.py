@@ -7,6 +7,7 @@ NaN instead of raising or warning, so a report can print "n/a" and carry on.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,10 @@ from sklearn.metrics import average_precision_score
 from sklearn.metrics import roc_curve as _sk_roc_curve
 
 __all__ = [
+    "augrc",
     "aupr_error",
+    "bootstrap_difference",
+    "bootstrap_interval",
     "aurc",
     "auroc",
     "bootstrap_auroc_difference",
@@ -113,6 +117,64 @@ def aurc(score: ArrayLike, incorrect: ArrayLike) -> float:
     """Area under the risk-coverage curve (mean risk over coverages 1/n..1); lower is better."""
     _, risk = risk_coverage_curve(score, incorrect)
     return float(risk.mean()) if risk.size else _NAN
+
+
+def augrc(score: ArrayLike, incorrect: ArrayLike) -> float:
+    """Area under the generalized risk-coverage curve (Traub et al. 2024): the mean over
+    coverages of the share of *all* items that are accepted errors; lower is better."""
+    coverage, risk = risk_coverage_curve(score, incorrect)
+    return float((risk * coverage).mean()) if risk.size else _NAN
+
+
+Metric = Callable[[ArrayLike, ArrayLike], float]
+
+
+def _resamples(n: int, n_boot: int, seed: int) -> NDArray[np.int64]:
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+
+def bootstrap_interval(
+    metric: Metric, score: ArrayLike, incorrect: ArrayLike, n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """95% percentile interval of a metric over bootstrap resamples of items.
+
+    Resamples where the metric is undefined are skipped; NaN when more than half are.
+    """
+    s, y = _as_arrays(score, incorrect)
+    if s.size == 0 or n_boot <= 0:
+        return _NAN, _NAN
+    values = np.array([metric(s[idx], y[idx]) for idx in _resamples(s.size, n_boot, seed)])
+    values = values[np.isfinite(values)]
+    if values.size < n_boot / 2:
+        return _NAN, _NAN
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def bootstrap_difference(
+    metric: Metric,
+    score_a: ArrayLike,
+    score_b: ArrayLike,
+    incorrect: ArrayLike,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """metric(a) - metric(b) and its 95% interval from a paired bootstrap over items."""
+    a, y = _as_arrays(score_a, incorrect)
+    b, _ = _as_arrays(score_b, incorrect)
+    if a.shape != b.shape:
+        raise ValueError(f"score_a has {a.size} items, score_b {b.size}")
+    estimate = metric(a, y) - metric(b, y)
+    if np.isnan(estimate) or n_boot <= 0:
+        return float(estimate), _NAN, _NAN
+    diffs = np.array(
+        [metric(a[i], y[i]) - metric(b[i], y[i]) for i in _resamples(a.size, n_boot, seed)]
+    )
+    diffs = diffs[np.isfinite(diffs)]
+    if diffs.size < n_boot / 2:
+        return float(estimate), _NAN, _NAN
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return float(estimate), float(low), float(high)
 
 
 def mann_whitney_area(

@@ -1,18 +1,25 @@
-"""Fitting the check offline: area densities, combined score, conformal references, metrics.
+"""Fitting the check offline: candidate scores, the choice among them, conformal references.
 
 Splits (all stratified on (correct, predicted class), deterministic for a seed):
 
-1. fit split (``1 - holdout_fraction``): area densities, the prior error rate and the
-   combined-score regression are fitted here and nowhere else.
+1. fit split (``1 - holdout_fraction``): every candidate score is fitted here, and ``auto``
+   chooses among them here, by cross-validated AURC (``folds`` folds of the fit split), and
+   nowhere else.
 2. held-out split, divided once more in halves:
    - reference half: its *correct* items' scores are the conformal reference (and their
      areas the small-tail reference);
-   - evaluation half: its correct items give the reported false-alarm rate, which is
-     therefore measured on items the threshold never saw.
-   The detection rate uses every held-out incorrect item (both halves): the reference holds
-   correct items only, so no incorrect item took part in setting the threshold. Ranking
-   metrics (AUROC, AUPR-Error, FPR@95TPR, AURC) use the whole held-out split, since no
-   score depends on the conformal reference.
+   - evaluation half: its correct items give the reported false-alarm rates, measured on
+     items the threshold never saw.
+   The detection rate uses every held-out incorrect item (the reference holds correct items
+   only). Ranking metrics (AUROC, AUPR-Error, FPR@95TPR, AURC, AUGRC) use the whole held-out
+   split, since no score depends on the conformal reference.
+
+Choice (``score="auto"``): the best score without the MPS (MSP, the best confidence feature,
+class-conditional confidence) is kept unless the best MPS-using score (area, combined,
+evidence) has a lower cross-validated AURC with a paired-bootstrap 95% interval of the
+difference above 0. Parsimony: fewer moving parts, no MPS cost in the sidecar, and better
+behaviour under shift (a learned combination of confidence and MPS features lost to
+confidence alone on corrupted inputs, ../shared/DETECTION.md).
 
 Descriptive statistics (area means and medians, the Mann-Whitney test, degenerate share,
 baseline class) use all items: they fit nothing.
@@ -21,62 +28,52 @@ baseline class) use all items: they fit nothing.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, get_args
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from sklearn.linear_model import LogisticRegression
+from scipy.stats import beta
 
 from guard.calibration import detection_metrics as metrics
-from guard.calibration.records import ItemRecord
+from guard.calibration.candidates import available, fit_score
+from guard.calibration.records import ItemRecord, feature_table
 from guard.errors import InvalidInputError
 from guard.numbers import count, mean, median, number
 from guard.verdict.artifact import (
     SCHEMA_VERSION,
-    AurocDifference,
     CalibrationArtifact,
     HeldoutMetrics,
+    Increment,
     MannWhitneyResult,
     ModelInfo,
+    Rate,
     ScoreMetrics,
 )
-from guard.verdict.conformal import ConformalReference
+from guard.verdict.conformal import ConformalReference, minimum_reference
 from guard.verdict.detector import Detector
-from guard.verdict.scores import (
-    AreaDensity,
-    AreaModel,
-    CombinedModel,
-    DensityPair,
-    ScoreKind,
-    combined_features,
-    logit_area,
-    suspicion_scores,
-)
+from guard.verdict.scores import MPS_SCORES, SCORE_KINDS, MpsScore, ScoreModel
 
 __all__ = [
-    "AREA_EPS",
+    "SCORE_CHOICES",
     "FitResult",
     "artifact_from_fit",
     "conformal_references",
-    "fit_area_density",
     "fit_calibration",
-    "fit_combined",
     "stratified_split",
 ]
 
-AREA_EPS = 1e-5  # areas are clipped to [eps, 1 - eps] before the logit; 0 and 1 do occur
-DENSITY_FLOOR_WEIGHT = 1e-3  # weight of the uniform component mixed into every density
-MIN_BANDWIDTH = 0.05  # logit units; below this, areas differ by less than a few percent
-MAX_GRID_POINTS = 1024
+SCORE_CHOICES = ("auto", *SCORE_KINDS)
+CONFIDENCE_ONLY = ("msp", "confidence", "class-confidence")
 DEGENERATE_NOTE_FRACTION = 0.5
 BASELINE_NOTE_FRACTION = 0.2
 FEW_ERRORS = 10
 VOID_AUROC = 0.6  # below this (and >= 0.5) the MPS score is reported as close to chance
 
 Indices = NDArray[np.int64]
+Table = Mapping[str, NDArray[np.float64]]
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,6 +86,7 @@ class FitResult:
     fit_indices: Indices = field(repr=False)
     reference_indices: Indices = field(repr=False)  # held-out, conformal-reference half
     evaluation_indices: Indices = field(repr=False)  # held-out, evaluation half
+    candidates: dict[str, ScoreModel] = field(repr=False, default_factory=dict)
 
 
 def stratified_split(
@@ -123,114 +121,81 @@ def _split(
     return np.sort(order[~chosen]), np.sort(order[chosen])
 
 
-def _bandwidth(x: NDArray[np.float64]) -> float:
-    """Silverman's robust rule; falls back when the data have no spread (e.g. one point)."""
-    std = float(x.std(ddof=1)) if x.size > 1 else 0.0
-    q75, q25 = np.percentile(x, [75, 25])
-    iqr = float(q75 - q25)
-    spread = min(std, iqr / 1.349) if iqr > 0 else std
-    if spread <= 0:
-        spread = 1.0  # no spread to learn from: a nominal width of one logit unit
-    return max(0.9 * spread * x.size ** (-0.2), MIN_BANDWIDTH)
+def _rows(table: Table, idx: Indices) -> dict[str, NDArray[np.float64]]:
+    return {name: np.asarray(values)[idx] for name, values in table.items()}
 
 
-def fit_area_density(logit_mps_area: ArrayLike, *, area_eps: float = AREA_EPS) -> AreaDensity:
-    """Gaussian KDE of logit(area), stored as log-density on a grid covering the data +- 6h."""
-    x = np.asarray(logit_mps_area, dtype=np.float64).ravel()
-    if x.size == 0:
-        raise ValueError("a density needs at least one item")
-    h = _bandwidth(x)
-    lo, hi = float(x.min()) - 6 * h, float(x.max()) + 6 * h
-    step = h / 4
-    points = int(math.ceil((hi - lo) / step)) + 1
-    if points > MAX_GRID_POINTS:
-        points = MAX_GRID_POINTS
-        step = (hi - lo) / (points - 1)
-    # Linear binning onto the grid, then a convolution with the sampled Gaussian kernel:
-    # cost independent of the number of items, error O(step^2).
-    position = (x - lo) / step
-    left = np.clip(np.floor(position).astype(np.int64), 0, points - 2)
-    right_weight = position - left
-    weights = np.bincount(left, 1 - right_weight, points) + np.bincount(
-        left + 1, right_weight, points
-    )
-    half = int(math.ceil(6 * h / step))
-    offsets = np.arange(-half, half + 1) * step
-    kernel = np.exp(-0.5 * (offsets / h) ** 2) / (h * math.sqrt(2 * math.pi))
-    density = np.convolve(weights, kernel)[half : half + points] / x.size
-    # Uniform component over the logit axis that clipped areas can reach.
-    floor = DENSITY_FLOOR_WEIGHT / (2 * float(logit_area(1.0 - area_eps, area_eps)))
-    log_density = np.log((1 - DENSITY_FLOOR_WEIGHT) * density + floor)
-    return AreaDensity(
-        grid_start=lo,
-        grid_step=step,
-        log_density=log_density.tolist(),
-        log_floor=math.log(floor),
-        bandwidth=h,
-        n=int(x.size),
-    )
+def _folds(incorrect: NDArray[np.bool_], k: int, seed: int) -> list[Indices]:
+    """k stratified folds (positions into ``incorrect``), deterministic for a seed."""
+    rng = np.random.default_rng([seed, 2])
+    assignment = np.empty(incorrect.size, dtype=np.int64)
+    for group in (np.flatnonzero(incorrect), np.flatnonzero(~incorrect)):
+        order = rng.permutation(group)
+        assignment[order] = np.arange(order.size) % k
+    return [np.flatnonzero(assignment == f) for f in range(k)]
 
 
-def _density_pair(
-    x: NDArray[np.float64], incorrect: NDArray[np.bool_], area_eps: float
-) -> DensityPair:
-    correct_x, incorrect_x = x[~incorrect], x[incorrect]
-    return DensityPair(
-        correct=fit_area_density(correct_x, area_eps=area_eps) if correct_x.size else None,
-        incorrect=fit_area_density(incorrect_x, area_eps=area_eps) if incorrect_x.size else None,
-    )
+def out_of_fold_scores(
+    kinds: Sequence[str], table: Table, incorrect: NDArray[np.bool_], folds: int, seed: int
+) -> dict[str, NDArray[np.float64]]:
+    """Each candidate's scores of the fit items, each item scored by a fit without its fold."""
+    out = {kind: np.full(incorrect.size, np.nan) for kind in kinds}
+    for test in _folds(incorrect, folds, seed):
+        train = np.setdiff1d(np.arange(incorrect.size), test)
+        train_rows, test_rows = _rows(table, train), _rows(table, test)
+        for kind in kinds:
+            out[kind][test] = fit_score(kind, train_rows, incorrect[train]).scores(test_rows)
+    return out
 
 
-def _fit_area_model(
-    area: NDArray[np.float64],
-    predicted: NDArray[np.int64],
+@dataclass(frozen=True)
+class Choice:
+    """Which score ``auto`` took, and why."""
+
+    kind: str
+    cv_aurc: dict[str, float]
+    best_confidence_only: str
+    best_mps: str | None
+    gain: tuple[float, float, float] | None  # AURC(best conf-only) - AURC(best MPS), 95% CI
+    reason: str
+
+
+def choose_score(
+    kinds: Sequence[str],
+    oof: Mapping[str, NDArray[np.float64]],
     incorrect: NDArray[np.bool_],
     *,
-    min_class_items: int,
-    min_class_errors: int,
-    area_eps: float,
-) -> AreaModel:
-    x = logit_area(area, area_eps)
-    per_class: dict[int, DensityPair] = {}
-    for c in np.unique(predicted):
-        rows = predicted == c
-        n_incorrect = int(incorrect[rows].sum())
-        if rows.sum() - n_incorrect >= min_class_items and n_incorrect >= min_class_errors:
-            per_class[int(c)] = _density_pair(x[rows], incorrect[rows], area_eps)
-    return AreaModel(
-        area_eps=area_eps,
-        prior_incorrect=float(incorrect.mean()),
-        pooled=_density_pair(x, incorrect, area_eps),
-        per_class=per_class,
+    n_boot: int,
+    seed: int,
+) -> Choice:
+    """The parsimonious choice by cross-validated AURC on the fit split (see module doc)."""
+    cv = {kind: metrics.aurc(oof[kind], incorrect) for kind in kinds}
+
+    def best(group: Sequence[str]) -> str | None:
+        scored = [k for k in group if k in kinds and not math.isnan(cv[k])]
+        return min(scored, key=lambda k: cv[k]) if scored else None
+
+    plain = best(CONFIDENCE_ONLY) or "msp"
+    mps = best([k for k in kinds if k in MPS_SCORES])
+    if mps is None:
+        reason = f"{plain}: lowest cross-validated AURC on the fit split; no MPS score to compare"
+        return Choice(plain, cv, plain, None, None, reason)
+    gain = metrics.bootstrap_difference(
+        metrics.aurc, oof[plain], oof[mps], incorrect, n_boot=n_boot, seed=seed
     )
-
-
-def fit_combined(
-    mps_area_fraction: ArrayLike,
-    confidence: ArrayLike,
-    margin: ArrayLike,
-    incorrect: ArrayLike,
-    *,
-    area_eps: float = AREA_EPS,
-) -> CombinedModel | None:
-    """Logistic regression of "incorrect" on standardised [logit(area), confidence, margin].
-
-    None when the data hold one outcome only (nothing to regress on).
-    """
-    y = np.asarray(incorrect, dtype=bool)
-    if y.all() or not y.any():
-        return None
-    features = combined_features(mps_area_fraction, confidence, margin, area_eps)
-    means = features.mean(axis=0)
-    stds = features.std(axis=0)
-    stds[stds < 1e-12] = 1.0  # a constant feature: leave it unscaled, its weight shrinks to 0
-    regression = LogisticRegression(max_iter=1000).fit((features - means) / stds, y)
-    return CombinedModel(
-        means=means.tolist(),
-        stds=stds.tolist(),
-        coefficients=regression.coef_[0].tolist(),
-        intercept=float(regression.intercept_[0]),
+    if not math.isnan(gain[1]) and gain[1] > 0:
+        reason = (
+            f"{mps}: its cross-validated AURC on the fit split is lower than {plain}'s by "
+            f"{gain[0]:.4f} (95% CI {gain[1]:.4f} to {gain[2]:.4f}, above 0)"
+        )
+        return Choice(mps, cv, plain, mps, gain, reason)
+    reason = (
+        f"{plain}: the best MPS-using score, {mps}, did not lower the cross-validated AURC on "
+        f"the fit split measurably ({gain[0]:+.4f}, 95% CI {number(gain[1], 4)} to "
+        f"{number(gain[2], 4)}), so the simpler score without the MPS is kept (fewer moving "
+        "parts, no MPS cost per request, better behaviour under shift)"
     )
+    return Choice(plain, cv, plain, mps, gain, reason)
 
 
 def conformal_references(
@@ -239,6 +204,7 @@ def conformal_references(
     *,
     alpha: float,
     flag_small_tail: bool,
+    delta: float | None = None,
 ) -> tuple[ConformalReference, ConformalReference | None]:
     """Conformal references from held-out correct predictions that fitted nothing else.
 
@@ -246,42 +212,118 @@ def conformal_references(
     the false-alarm rate on correct predictions <= alpha.
     """
     per_tail = alpha / 2 if flag_small_tail else alpha
-    score_reference = ConformalReference.from_values(correct_scores, per_tail)
+    score_reference = ConformalReference.from_values(correct_scores, per_tail, delta)
     small = -np.asarray(correct_areas, dtype=np.float64)
-    small_reference = ConformalReference.from_values(small, per_tail) if flag_small_tail else None
+    small_reference = (
+        ConformalReference.from_values(small, per_tail, delta) if flag_small_tail else None
+    )
     return score_reference, small_reference
 
 
-def _minimum_reference(alpha: float) -> int:
-    """Fewest reference items for which the smallest p-value, 1/(n+1), reaches alpha."""
-    n = max(0, math.ceil(1 / alpha) - 1)
-    while 1 / (n + 1) > alpha:
-        n += 1
-    return n
+def _detector(
+    score: ScoreModel,
+    scores: NDArray[np.float64],
+    table: Table,
+    reference_correct: Indices,
+    *,
+    alpha: float,
+    flag_small_tail: bool,
+    per_class: bool,
+    delta: float | None,
+) -> Detector:
+    area = table["mps_area_fraction"]
+    score_reference, small_reference = conformal_references(
+        scores[reference_correct],
+        area[reference_correct],
+        alpha=alpha,
+        flag_small_tail=flag_small_tail,
+        delta=delta,
+    )
+    class_references = {}
+    if per_class:
+        per_tail = score_reference.alpha
+        classes = table["predicted_class"].astype(np.int64)
+        for c in np.unique(classes[reference_correct]):
+            rows = reference_correct[classes[reference_correct] == c]
+            reference = ConformalReference.from_values(scores[rows], per_tail, delta)
+            if reference.threshold is not None:  # too few: the pooled reference serves it
+                class_references[int(c)] = reference
+    return Detector(
+        score=score,
+        alpha=alpha,
+        per_class=per_class,
+        delta=delta,
+        flag_small_tail=flag_small_tail,
+        score_reference=score_reference,
+        class_references=class_references,
+        small_tail_reference=small_reference,
+    )
+
+
+def _rate(flags: NDArray[np.bool_]) -> Rate:
+    """A flagged share with its Clopper-Pearson 95% interval."""
+    n, k = int(flags.size), int(flags.sum())
+    if n == 0:
+        return Rate(rate=None, ci=(None, None), n=0)
+    low = 0.0 if k == 0 else float(beta.ppf(0.025, k, n - k + 1))
+    high = 1.0 if k == n else float(beta.ppf(0.975, k + 1, n - k))
+    return Rate(rate=k / n, ci=(low, high), n=n)
+
+
+def _score_metrics(
+    scores: NDArray[np.float64],
+    incorrect: NDArray[np.bool_],
+    cv_aurc: float | None,
+    n_boot: int,
+    seed: int,
+) -> ScoreMetrics:
+    auroc_ci = metrics.bootstrap_interval(
+        metrics.auroc, scores, incorrect, n_boot=n_boot, seed=seed
+    )
+    aurc_ci = metrics.bootstrap_interval(metrics.aurc, scores, incorrect, n_boot=n_boot, seed=seed)
+    return ScoreMetrics(
+        auroc=metrics.auroc(scores, incorrect),
+        aupr_error=metrics.aupr_error(scores, incorrect),
+        fpr_at_95_tpr=metrics.fpr_at_95_tpr(scores, incorrect),
+        aurc=metrics.aurc(scores, incorrect),
+        augrc=metrics.augrc(scores, incorrect),
+        auroc_ci=auroc_ci,
+        aurc_ci=aurc_ci,
+        cv_aurc=cv_aurc,
+    )
 
 
 def fit_calibration(
     records: Sequence[ItemRecord],
     *,
     alpha: float = 0.05,
-    score: ScoreKind = "mps",
+    score: str = "auto",
     holdout_fraction: float = 0.5,
     seed: int = 0,
     flag_small_tail: bool = False,
-    min_class_items: int = 30,
-    min_class_errors: int = 10,
+    per_class: bool = False,
+    delta: float | None = None,
+    folds: int = 5,
     n_boot: int = 2000,
 ) -> FitResult:
-    """Fit the check on labelled records and measure it on held-out ones (see module doc)."""
+    """Fit the candidates on labelled records, choose, and measure on held-out ones."""
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    if score not in get_args(ScoreKind):
-        raise ValueError(f"score must be one of {get_args(ScoreKind)}, got {score!r}")
+    if delta is not None and not 0.0 < delta < 1.0:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if score not in SCORE_CHOICES:
+        raise ValueError(f"score must be one of {', '.join(SCORE_CHOICES)}, got {score!r}")
+    records = list(records)
     n = len(records)
-    area = np.array([r.mps_area_fraction for r in records], dtype=np.float64)
-    confidence = np.array([r.confidence for r in records], dtype=np.float64)
-    margin = np.array([r.margin for r in records], dtype=np.float64)
-    predicted = np.array([r.predicted_class for r in records], dtype=np.int64)
+    table = feature_table(records)
+    kinds = available(table)
+    if score not in ("auto", *kinds):
+        raise InvalidInputError(
+            f"the {score} score needs features these records do not hold (available: "
+            f"{', '.join(kinds)}); re-run guard calibrate with the evidence features"
+        )
+    area = table["mps_area_fraction"]
+    predicted = table["predicted_class"].astype(np.int64)
     incorrect = np.array([not r.correct for r in records], dtype=bool)
     fit_idx, holdout_idx = stratified_split(records, holdout_fraction, seed)
     if fit_idx.size == 0 or holdout_idx.size == 0:
@@ -289,82 +331,54 @@ def fit_calibration(
             f"calibration needs labelled items on both sides of the split; got {n} in all"
         )
 
-    area_model = _fit_area_model(
-        area[fit_idx],
-        predicted[fit_idx],
-        incorrect[fit_idx],
-        min_class_items=min_class_items,
-        min_class_errors=min_class_errors,
-        area_eps=AREA_EPS,
-    )
-    combined = fit_combined(
-        area[fit_idx], confidence[fit_idx], margin[fit_idx], incorrect[fit_idx], area_eps=AREA_EPS
-    )
-    kinds: tuple[ScoreKind, ...] = get_args(ScoreKind)
-    scores = {
-        kind: suspicion_scores(
-            kind,
-            area_model,
-            combined,
-            mps_area_fraction=area,
-            confidence=confidence,
-            predicted_class=predicted,
-            margin=margin,
-        )
-        for kind in kinds
-    }
+    # Everything fitted or chosen sees the fit split only.
+    fit_rows, fit_incorrect = _rows(table, fit_idx), incorrect[fit_idx]
+    oof = out_of_fold_scores(kinds, fit_rows, fit_incorrect, min(folds, max(2, fit_idx.size)), seed)
+    choice = choose_score(kinds, oof, fit_incorrect, n_boot=n_boot, seed=seed)
+    selected = choice.kind if score == "auto" else score
+    candidates = {kind: fit_score(kind, fit_rows, fit_incorrect) for kind in kinds}
+    scores = {kind: model.scores(table) for kind, model in candidates.items()}
 
     # Held-out split: a conformal-reference half and an evaluation half.
     rng = np.random.default_rng([seed, 1])
     ref_local, eval_local = _split(~incorrect[holdout_idx], predicted[holdout_idx], 0.5, rng)
     reference_idx, evaluation_idx = holdout_idx[ref_local], holdout_idx[eval_local]
     reference_correct = reference_idx[~incorrect[reference_idx]]
-    score_reference, small_reference = conformal_references(
-        scores[score][reference_correct],
-        area[reference_correct],
-        alpha=alpha,
-        flag_small_tail=flag_small_tail,
-    )
-    detector = Detector(
-        score_kind=score,
-        alpha=alpha,
-        flag_small_tail=flag_small_tail,
-        area_model=area_model,
-        combined=combined,
-        score_reference=score_reference,
-        small_tail_reference=small_reference,
-    )
     evaluation_correct = evaluation_idx[~incorrect[evaluation_idx]]
     holdout_incorrect = holdout_idx[incorrect[holdout_idx]]
 
-    def flag_rate(idx: Indices) -> float:
-        if idx.size == 0:
-            return float("nan")
-        verdicts = detector.evaluate(
-            mps_area_fraction=area[idx],
-            confidence=confidence[idx],
-            predicted_class=predicted[idx],
-            margin=margin[idx],
+    def detector(per_class_: bool, delta_: float | None) -> Detector:
+        return _detector(
+            candidates[selected],
+            scores[selected],
+            table,
+            reference_correct,
+            alpha=alpha,
+            flag_small_tail=flag_small_tail,
+            per_class=per_class_,
+            delta=delta_,
         )
-        return float(verdicts.flagged.mean())
+
+    deployed = detector(per_class, delta)
+    options = {
+        "marginal": detector(False, None),
+        "per-class": detector(True, None),
+        "calibration-conditional": detector(False, delta if delta is not None else 0.1),
+    }
+
+    def flags(d: Detector, idx: Indices) -> NDArray[np.bool_]:
+        return d.evaluate(_rows(table, idx)).flagged if idx.size else np.zeros(0, dtype=bool)
 
     y_hold = incorrect[holdout_idx]
     score_metrics = {
-        kind: ScoreMetrics(
-            auroc=metrics.auroc(scores[kind][holdout_idx], y_hold),
-            aupr_error=metrics.aupr_error(scores[kind][holdout_idx], y_hold),
-            fpr_at_95_tpr=metrics.fpr_at_95_tpr(scores[kind][holdout_idx], y_hold),
-            aurc=metrics.aurc(scores[kind][holdout_idx], y_hold),
+        kind: _score_metrics(
+            scores[kind][holdout_idx], y_hold, choice.cv_aurc.get(kind), n_boot, seed
         )
         for kind in kinds
     }
-    gain = metrics.bootstrap_auroc_difference(
-        scores["combined"][holdout_idx],
-        scores["msp"][holdout_idx],
-        y_hold,
-        n_boot=n_boot,
-        seed=seed,
-    )
+    increment = _increment(choice, scores, holdout_idx, y_hold, n_boot, seed)
+    false_alarms = flags(deployed, evaluation_correct)
+    detections = flags(deployed, holdout_incorrect)
     baseline = np.array([r.baseline_class for r in records], dtype=np.int64)
     baseline_values, baseline_counts = np.unique(baseline, return_counts=True)
     mode_at = int(np.argmax(baseline_counts))
@@ -378,9 +392,16 @@ def fit_calibration(
         n_holdout_incorrect=int(holdout_incorrect.size),
         n_reference_correct=int(reference_correct.size),
         n_evaluation_correct=int(evaluation_correct.size),
-        false_alarm_rate_holdout=flag_rate(evaluation_correct),
-        detection_rate_holdout=flag_rate(holdout_incorrect),
+        false_alarm_rate_holdout=_rate(false_alarms).rate,
+        detection_rate_holdout=_rate(detections).rate,
         scores=score_metrics,
+        false_alarm_rates={
+            name: _rate(flags(d, evaluation_correct)) for name, d in options.items()
+        },
+        detection_rate=_rate(detections),
+        selected_score=selected,
+        selection=choice.reason if score == "auto" else f"{selected}: chosen by --score",
+        mps_increment=increment,
         mean_area_correct=mean(area[~incorrect]),
         median_area_correct=median(area[~incorrect]),
         mean_area_incorrect=mean(area[incorrect]),
@@ -392,88 +413,120 @@ def fit_calibration(
         mann_whitney=MannWhitneyResult(
             **metrics.mann_whitney_area(area[incorrect], area[~incorrect])
         ),
-        auroc_gain_combined_over_msp=AurocDifference(
-            estimate=gain[0], ci_low=gain[1], ci_high=gain[2], n_boot=n_boot
-        ),
     )
     notes = _notes(
         result_metrics,
-        area_model,
-        combined,
-        score_reference,
-        fit_incorrect=int(incorrect[fit_idx].sum()),
-        fit_correct=int((~incorrect[fit_idx]).sum()),
+        deployed,
+        candidates,
+        fit_incorrect=int(fit_incorrect.sum()),
+        fit_correct=int((~fit_incorrect).sum()),
         fit_classes=np.unique(predicted[fit_idx]),
-        detector=detector,
-        min_class_items=min_class_items,
-        min_class_errors=min_class_errors,
     )
     return FitResult(
-        detector=detector,
+        detector=deployed,
         metrics=result_metrics,
         notes=tuple(notes),
         fit_indices=fit_idx,
         reference_indices=reference_idx,
         evaluation_indices=evaluation_idx,
+        candidates=candidates,
     )
+
+
+def _increment(
+    choice: Choice,
+    scores: Mapping[str, NDArray[np.float64]],
+    holdout_idx: Indices,
+    y_hold: NDArray[np.bool_],
+    n_boot: int,
+    seed: int,
+) -> Increment | None:
+    """Held-out AUROC of the best MPS score (chosen on the fit split) minus class-confidence's."""
+    if choice.best_mps is None:
+        return None
+    baseline = "class-confidence"
+    diff = metrics.bootstrap_auroc_difference(
+        scores[choice.best_mps][holdout_idx], scores[baseline][holdout_idx], y_hold,
+        n_boot=n_boot, seed=seed,
+    )  # fmt: skip
+    return Increment(
+        baseline=baseline,
+        candidate=choice.best_mps,
+        auroc_diff=diff[0],
+        ci=(diff[1], diff[2]),
+        n_boot=n_boot,
+    )
+
+
+def mps_value_sentences(m: HeldoutMetrics) -> list[str]:
+    """Whether the MPS added detection value here, and what it gives regardless."""
+    inc = m.mps_increment
+    if inc is None or inc.auroc_diff is None:
+        added = "Whether the MPS adds detection value could not be measured on this data."
+    else:
+        low, high = inc.ci
+        ci = f"{inc.auroc_diff:+.3f}, 95% CI {number(low)} to {number(high)}"
+        if low is not None and low > 0:
+            added = (
+                f"The MPS adds detection value on this model and data: {inc.candidate} beats "
+                f"{inc.baseline} in held-out AUROC by {ci}."
+            )
+        elif high is not None and high < 0:
+            added = (
+                f"The MPS adds no detection value on this model and data: {inc.candidate} is "
+                f"worse than {inc.baseline} in held-out AUROC ({ci})."
+            )
+        else:
+            added = (
+                f"The MPS adds no measurable detection value on this model and data: "
+                f"{inc.candidate} vs {inc.baseline} in held-out AUROC: {ci}."
+            )
+    gives = (
+        "What the MPS still gives is evidence: for each flagged prediction, the pixels the model "
+        "needed for it, to look at before acting on the flag."
+    )
+    return [added, gives]
 
 
 def _notes(
     m: HeldoutMetrics,
-    area_model: AreaModel,
-    combined: CombinedModel | None,
-    score_reference: ConformalReference,
+    detector: Detector,
+    candidates: Mapping[str, ScoreModel],
     *,
     fit_incorrect: int,
     fit_correct: int,
     fit_classes: NDArray[np.int64],
-    detector: Detector,
-    min_class_items: int,
-    min_class_errors: int,
 ) -> list[str]:
     """Plain-language caveats: when a number means less than it seems, say so."""
-    notes: list[str] = []
+    notes: list[str] = [f"Score chosen: {m.selection}.", *mps_value_sentences(m)]
     if fit_incorrect == 0:
         notes.append(
-            "No incorrect predictions in the fit split: the MPS and combined scores carry no "
-            "information (every prediction gets the same score, so they flag nothing). "
-            "Calibrate on data where the model makes mistakes."
+            "No incorrect predictions in the fit split: the fitted scores carry no information "
+            "beyond confidence. Calibrate on data where the model makes mistakes."
         )
     elif fit_incorrect < FEW_ERRORS:
         notes.append(
-            f"Only {count(fit_incorrect, 'incorrect prediction')} in the fit split: the area "
-            "distribution of errors is poorly estimated and the MPS score is noisy. Use "
-            "more labelled data."
+            f"Only {count(fit_incorrect, 'incorrect prediction')} in the fit split: the "
+            "fitted scores are noisy. Use more labelled data."
         )
     if fit_correct == 0:
         notes.append(
-            "No correct predictions in the fit split: the MPS score carries no information."
-        )
-    if combined is None:
-        notes.append(
-            "The combined score could not be fitted (the fit split has one outcome only); it "
-            "equals the prior error rate for every prediction."
+            "No correct predictions in the fit split: the fitted scores carry no information."
         )
     if m.n_holdout_incorrect < FEW_ERRORS:
         notes.append(
             f"Only {count(m.n_holdout_incorrect, 'incorrect prediction')} in the held-out "
             "split: AUROC, AUPR-Error, FPR@95TPR and the detection rate are very uncertain."
         )
-    own = sorted(area_model.per_class)
-    pooled = [int(c) for c in fit_classes if int(c) not in area_model.per_class]
-    if fit_incorrect and pooled:
-        rule = (
-            f"a class needs >= {min_class_items} correct and >= {min_class_errors} incorrect "
-            "fit items for its own"
-        )
-        if own:
+    mps_model = candidates.get("mps")
+    if isinstance(mps_model, MpsScore) and fit_incorrect:
+        own = sorted(mps_model.area_model.per_class)
+        pooled = [int(c) for c in fit_classes if int(c) not in mps_model.area_model.per_class]
+        if pooled and own:
             notes.append(
-                f"Per-class area distributions for {len(own)} of "
-                f"{len(own) + len(pooled)} predicted classes; the others use the pooled "
-                f"distributions ({rule})."
+                f"The MPS-area score has per-class area distributions for {len(own)} of "
+                f"{len(own) + len(pooled)} predicted classes; the others use the pooled ones."
             )
-        else:
-            notes.append(f"All predicted classes use the pooled area distributions ({rule}).")
     if m.degenerate_fraction >= DEGENERATE_NOTE_FRACTION:
         notes.append(
             f"{m.degenerate_fraction:.0%} of MPSs are degenerate (empty or a single chunk): "
@@ -488,49 +541,36 @@ def _notes(
             "their MPSs are empty or minimal whatever the image shows: MPS size says nothing "
             "about those predictions. Try another baseline, e.g. a blurred one."
         )
-    mps_auroc = m.scores["mps"].auroc
-    if mps_auroc is None:
+    mps_auroc = m.scores["mps"].auroc if "mps" in m.scores else None
+    if mps_auroc is not None and mps_auroc < VOID_AUROC:
         notes.append(
-            "The MPS score's AUROC is undefined on the held-out split (constant score or "
-            "one outcome only)."
+            f"AUROC of the MPS-area score (the paper's check) on held-out data is "
+            f"{mps_auroc:.2f}: MPS size alone separates errors from correct predictions "
+            "barely better than chance, or worse, for this model, data and baseline."
         )
-    elif mps_auroc < 0.5:
-        notes.append(
-            f"AUROC of the MPS score on held-out data is {mps_auroc:.2f} (< 0.5): the "
-            "direction learned on the fit split did not generalise. Do not rely on the MPS "
-            "score for this model."
-        )
-    elif mps_auroc < VOID_AUROC:
-        notes.append(
-            f"AUROC of the MPS score on held-out data is {mps_auroc:.2f}: MPS size separates "
-            "errors from correct predictions barely better than chance for this model, data and "
-            "baseline, so alarms from it carry little information. Consider another baseline, "
-            "more labelled errors, or the msp/combined score."
-        )
-    gain = m.auroc_gain_combined_over_msp
     notes.append(
-        f"Held-out AUROC: MSP {number(m.scores['msp'].auroc, 2)}, MPS area "
-        f"{number(mps_auroc, 2)}, combined {number(m.scores['combined'].auroc, 2)}."
+        "Held-out AUROC: "
+        + ", ".join(f"{kind} {number(s.auroc, 2)}" for kind, s in m.scores.items())
+        + "."
     )
-    if gain.estimate is not None and gain.ci_low is not None and gain.ci_high is not None:
-        verdict = (
-            "a measurable gain"
-            if gain.ci_low > 0
-            else ("a measurable loss" if gain.ci_high < 0 else "no measurable gain")
-        )
-        notes.append(
-            f"The combined score (MPS area, MSP and margin) changes AUROC over MSP alone by "
-            f"{gain.estimate:+.3f} (95% CI {gain.ci_low:+.3f} to {gain.ci_high:+.3f}): {verdict}; "
-            "part of any gain may come from the margin rather than the MPS."
-        )
-    if score_reference.threshold is None:
-        needed = _minimum_reference(score_reference.alpha)
+    reference = detector.score_reference
+    if reference.threshold is None:
+        needed = minimum_reference(reference.alpha, reference.delta)
         notes.append(
             "The conformal reference has only "
             f"{count(m.n_reference_correct, 'held-out correct prediction')}; at least "
-            f"{needed} are needed for alpha={score_reference.alpha:g}, "
-            "so nothing will be flagged. Use more labelled data or a larger alpha."
+            f"{needed} are needed for alpha={reference.alpha:g}"
+            + (f" and delta={reference.delta:g}" if reference.delta is not None else "")
+            + ", so nothing will be flagged. Use more labelled data or a larger alpha."
         )
+    if detector.per_class:
+        served = len(detector.class_references)
+        notes.append(
+            f"Per-class thresholds for {served} of {len(fit_classes)} predicted classes; "
+            "classes with too few held-out correct predictions use the pooled threshold, and "
+            "for them the guarantee is marginal only."
+        )
+    notes.append(f"Guarantee: {detector.guarantee}.")
     if detector.flag_small_tail:
         notes.append(
             f"Unusually small MPSs are flagged too; each tail is tested at alpha/2 = "

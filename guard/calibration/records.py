@@ -1,4 +1,4 @@
-"""One labelled item as calibration sees it: prediction, confidence and MPS size.
+"""One labelled item as calibration sees it: prediction, confidence, MPS and evidence features.
 
 Records are produced by the MPS pass over a labelled data set and cached one JSON object
 per line, so an interrupted ``guard calibrate`` resumes where it stopped.
@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import math
 import operator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,8 @@ class ItemRecord:
     mps_area_fraction: float  # MPS pixels / (H*W), in [0, 1]
     degenerate: bool  # empty MPS or a single chunk
     baseline_class: int  # top-1 class of the all-baseline input
+    # Confidence and MPS evidence features by name (guard.evidence), finite numbers.
+    features: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Plain Python types whatever the caller passes (numpy scalars are common), so that
@@ -38,6 +42,11 @@ class ItemRecord:
                 raise ValueError(f"{self.key}: {name} is not finite")
             object.__setattr__(self, name, value)
         object.__setattr__(self, "degenerate", bool(self.degenerate))
+        features = {str(k): float(v) for k, v in self.features.items()}
+        bad = sorted(k for k, v in features.items() if not math.isfinite(v))
+        if bad:
+            raise ValueError(f"{self.key}: features {bad} are not finite")
+        object.__setattr__(self, "features", features)
         if not 0.0 <= self.mps_area_fraction <= 1.0:
             raise ValueError(
                 f"{self.key}: mps_area_fraction {self.mps_area_fraction} is not in [0, 1]"
@@ -76,7 +85,16 @@ class ItemRecord:
             mps_area_fraction=float(_typed(data, "mps_area_fraction", (int, float))),
             degenerate=_typed(data, "degenerate", bool),
             baseline_class=_typed(data, "baseline_class", int),
+            features=_features(data["features"]),
         )
+
+
+def _features(value: Any) -> dict[str, float]:
+    if not isinstance(value, dict) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in value.values()
+    ):
+        raise ValueError("record field 'features' must map names to numbers")
+    return {str(k): float(v) for k, v in value.items()}
 
 
 def _typed(data: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
@@ -85,3 +103,20 @@ def _typed(data: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> An
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ValueError(f"record field {name!r} has the wrong type: {value!r}")
     return value
+
+
+def feature_table(records: list[ItemRecord]) -> dict[str, Any]:
+    """The records as named columns, one value per record: what the scores read.
+
+    Features missing from some records (an older cache) are left out for all.
+    """
+    table: dict[str, Any] = {
+        "msp": np.array([r.confidence for r in records], dtype=np.float64),
+        "margin": np.array([r.margin for r in records], dtype=np.float64),
+        "mps_area_fraction": np.array([r.mps_area_fraction for r in records], dtype=np.float64),
+        "predicted_class": np.array([r.predicted_class for r in records], dtype=np.float64),
+    }
+    shared = set.intersection(*(set(r.features) for r in records)) if records else set()
+    for name in sorted(shared - set(table)):
+        table[name] = np.array([r.features[name] for r in records], dtype=np.float64)
+    return table

@@ -19,16 +19,17 @@ import numpy as np  # noqa: E402
 
 from guard.calibration import detection_metrics as metrics  # noqa: E402
 from guard.calibration.fit import FitResult  # noqa: E402
-from guard.calibration.records import ItemRecord  # noqa: E402
+from guard.calibration.records import ItemRecord, feature_table  # noqa: E402
 from guard.numbers import number  # noqa: E402
 from guard.verdict.artifact import CalibrationArtifact  # noqa: E402
-from guard.verdict.scores import suspicion_scores  # noqa: E402
 
-SCORE_KINDS = ("mps", "msp", "combined")
 SCORE_LABELS = {
     "mps": "MPS area (posterior)",
     "msp": "MSP (1 - confidence)",
-    "combined": "combined",
+    "confidence": "best confidence feature",
+    "class-confidence": "class-conditional confidence",
+    "combined": "combined (area, MSP, margin)",
+    "evidence": "evidence (confidence, class, MPS features)",
 }
 
 
@@ -41,25 +42,16 @@ def _splits(fit: FitResult, count: int) -> list[str]:
     return split
 
 
-def held_out_scores(
-    artifact: CalibrationArtifact, records: list[ItemRecord]
-) -> dict[str, np.ndarray]:
-    """Each score kind for the given records, from the fitted artifact."""
-    detector = artifact.detector
-    arrays = {
-        "mps_area_fraction": np.array([r.mps_area_fraction for r in records]),
-        "confidence": np.array([r.confidence for r in records]),
-        "predicted_class": np.array([r.predicted_class for r in records]),
-        "margin": np.array([r.margin for r in records]),
-    }
-    return {
-        kind: suspicion_scores(kind, detector.area_model, detector.combined, **arrays)
-        for kind in SCORE_KINDS
-    }
+def candidate_scores(fit: FitResult, records: list[ItemRecord]) -> dict[str, np.ndarray]:
+    """Each fitted candidate's scores of the given records."""
+    table = feature_table(records)
+    return {kind: model.scores(table) for kind, model in fit.candidates.items()}
 
 
 def summary(artifact: CalibrationArtifact, skipped: list[tuple[str, str]]) -> dict[str, Any]:
+    """The figures of the report as JSON: each is recomputable from records.csv."""
     m = artifact.metrics
+    increment = m.mps_increment
     return {
         "n_items": m.n_items,
         "n_correct": m.n_correct,
@@ -67,15 +59,38 @@ def summary(artifact: CalibrationArtifact, skipped: list[tuple[str, str]]) -> di
         "n_skipped": len(skipped),
         "accuracy": m.accuracy,
         "alpha": artifact.detector.alpha,
-        "score": artifact.detector.score_kind,
+        "delta": artifact.detector.delta,
+        "per_class": artifact.detector.per_class,
+        "guarantee": artifact.detector.guarantee,
+        "selected_score": m.selected_score,
+        "selection": m.selection,
         "flag_small_tail": artifact.detector.flag_small_tail,
+        "scores": {
+            kind: {
+                "auroc": s.auroc,
+                "auroc_ci": list(s.auroc_ci),
+                "aupr_error": s.aupr_error,
+                "aurc": s.aurc,
+                "aurc_ci": list(s.aurc_ci),
+                "augrc": s.augrc,
+                "fpr_at_95tpr": s.fpr_at_95_tpr,
+                "cv_aurc": s.cv_aurc,
+            }
+            for kind, s in m.scores.items()
+        },
+        "mps_increment": None
+        if increment is None
+        else {
+            "baseline": increment.baseline,
+            "candidate": increment.candidate,
+            "auroc_diff": increment.auroc_diff,
+            "ci": list(increment.ci),
+            "n_boot": increment.n_boot,
+        },
         "false_alarm_rate_holdout": m.false_alarm_rate_holdout,
         "detection_rate_holdout": m.detection_rate_holdout,
-        **{f"auroc_{kind}": m.scores[kind].auroc for kind in SCORE_KINDS},
-        **{f"aupr_error_{kind}": m.scores[kind].aupr_error for kind in SCORE_KINDS},
-        **{f"fpr_at_95_tpr_{kind}": m.scores[kind].fpr_at_95_tpr for kind in SCORE_KINDS},
-        **{f"aurc_{kind}": m.scores[kind].aurc for kind in SCORE_KINDS},
-        "auroc_combined_minus_msp": m.auroc_gain_combined_over_msp.model_dump(),
+        "false_alarm_rates": {k: r.model_dump() for k, r in m.false_alarm_rates.items()},
+        "detection_rate": None if m.detection_rate is None else m.detection_rate.model_dump(),
         "mean_area_correct": m.mean_area_correct,
         "mean_area_incorrect": m.mean_area_incorrect,
         "median_area_correct": m.median_area_correct,
@@ -105,13 +120,13 @@ def write_report(
 ) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     split = _splits(fit, len(records))
-    _write_records(directory / "records.csv", records, split, artifact)
+    _write_records(directory / "records.csv", records, split, artifact, fit)
     facts = summary(artifact, skipped)
     (directory / "summary.json").write_text(json.dumps(facts, indent=2) + "\n")
 
     holdout = np.sort(np.concatenate([fit.reference_indices, fit.evaluation_indices]))
     held = [records[int(i)] for i in holdout]
-    scores = held_out_scores(artifact, held)
+    scores = candidate_scores(fit, held)
     incorrect = np.array([not r.correct for r in held])
     _plot_areas(directory / "mps_area.png", records)
     _plot_roc(directory / "roc.png", scores, incorrect)
@@ -120,28 +135,31 @@ def write_report(
 
 
 def _write_records(
-    path: Path, records: list[ItemRecord], split: list[str], artifact: CalibrationArtifact
+    path: Path,
+    records: list[ItemRecord],
+    split: list[str],
+    artifact: CalibrationArtifact,
+    fit: FitResult,
 ) -> None:
-    """Every item with its split, its score of each kind and the deployed check's verdict."""
-    scores = held_out_scores(artifact, records)
-    verdicts = artifact.detector.evaluate(
-        mps_area_fraction=[r.mps_area_fraction for r in records],
-        confidence=[r.confidence for r in records],
-        predicted_class=[r.predicted_class for r in records],
-        margin=[r.margin for r in records],
-    )
+    """Every item with its split, features, each candidate's score and the deployed verdict."""
+    scores = candidate_scores(fit, records)
+    verdicts = artifact.detector.evaluate(feature_table(records))
+    kinds = list(scores)
+    features = sorted(set.intersection(*(set(r.features) for r in records))) if records else []
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["key", "label", "predicted_class", "correct", "confidence", "margin",
                          "mps_area_fraction", "degenerate", "baseline_class", "split",
-                         *(f"score_{kind}" for kind in SCORE_KINDS), "p_value", "flagged"])  # fmt: skip
+                         *(f"score_{kind}" for kind in kinds), "p_value", "flagged",
+                         *(f"feature_{name}" for name in features)])  # fmt: skip
         for i, (record, part) in enumerate(zip(records, split, strict=True)):
             writer.writerow([record.key, record.label, record.predicted_class, int(record.correct),
-                             f"{record.confidence:.8g}", f"{record.margin:.8g}",
-                             f"{record.mps_area_fraction:.8g}", int(record.degenerate),
+                             f"{record.confidence:.17g}", f"{record.margin:.17g}",
+                             f"{record.mps_area_fraction:.17g}", int(record.degenerate),
                              record.baseline_class, part,
-                             *(f"{scores[kind][i]:.17g}" for kind in SCORE_KINDS),
-                             f"{verdicts.p_value[i]:.17g}", int(verdicts.flagged[i])])  # fmt: skip
+                             *(f"{scores[kind][i]:.17g}" for kind in kinds),
+                             f"{verdicts.p_value[i]:.17g}", int(verdicts.flagged[i]),
+                             *(f"{record.features[name]:.17g}" for name in features)])  # fmt: skip
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
@@ -214,11 +232,10 @@ def _markdown(
     skipped: list[tuple[str, str]],
 ) -> str:
     mw = facts["mann_whitney"]
-    gain = facts["auroc_combined_minus_msp"]
     lines = [
         "# Calibration report",
         "",
-        f"Model sha256 `{artifact.model.sha256[:16]}...`, score `{facts['score']}`, alpha {facts['alpha']}, "
+        f"Model sha256 `{artifact.model.sha256[:16]}...`, score `{facts['selected_score']}`, alpha {facts['alpha']}, "
         f"{facts['n_items']} items ({facts['n_skipped']} skipped), accuracy {number(facts['accuracy'])}.",
         "",
         "## What this calibration can and cannot do",
@@ -227,11 +244,22 @@ def _markdown(
         "",
         "## Alarm on held-out data",
         "",
+        f"Guarantee of this calibration: {facts['guarantee']}.",
+        "",
         f"- False-alarm rate on correct predictions: **{number(facts['false_alarm_rate_holdout'])}** "
-        f"(guaranteed <= {facts['alpha']} in expectation by the split-conformal rule; measured on "
-        f"{facts['n_evaluation_correct']} held-out correct items not used for the threshold).",
+        f"(measured on {facts['n_evaluation_correct']} held-out correct items not used for the threshold).",
         f"- Detection rate on incorrect predictions: **{number(facts['detection_rate_holdout'])}** "
         f"({facts['n_holdout_incorrect']} held-out errors).",
+        "",
+        "The selected score's false-alarm rate on the same held-out correct items under each "
+        "threshold option (95% Clopper-Pearson intervals):",
+        "",
+        "| threshold | false-alarm rate | 95% CI | n |",
+        "|---|---|---|---|",
+        *[
+            f"| {name} | {number(r['rate'])} | {number(r['ci'][0])} to {number(r['ci'][1])} | {r['n']} |"
+            for name, r in facts["false_alarm_rates"].items()
+        ],
         "",
         "## MPS area (the paper's Table 1)",
         "",
@@ -258,16 +286,28 @@ def _markdown(
         "",
         "## Error detection on held-out data",
         "",
-        "| score | AUROC | AUPR-Error | FPR at 95% TPR | AURC |",
-        "|---|---|---|---|---|",
+        f"Selected: **{facts['selected_score']}**. {facts['selection']}.",
+        "",
+        "| score | CV AURC (fit split) | AUROC [95% CI] | AUPR-Error | FPR at 95% TPR | AURC [95% CI] | AUGRC |",
+        "|---|---|---|---|---|---|---|",
         *[
-            f"| {SCORE_LABELS[k]} | {number(facts[f'auroc_{k}'])} | {number(facts[f'aupr_error_{k}'])} | "
-            f"{number(facts[f'fpr_at_95_tpr_{k}'])} | {number(facts[f'aurc_{k}'], 4)} |"
-            for k in SCORE_KINDS
+            f"| {SCORE_LABELS[k]} | {number(v['cv_aurc'], 4)} | {number(v['auroc'])} "
+            f"[{number(v['auroc_ci'][0])}, {number(v['auroc_ci'][1])}] | {number(v['aupr_error'])} | "
+            f"{number(v['fpr_at_95tpr'])} | {number(v['aurc'], 4)} "
+            f"[{number(v['aurc_ci'][0], 4)}, {number(v['aurc_ci'][1], 4)}] | {number(v['augrc'], 4)} |"
+            for k, v in facts["scores"].items()
         ],
         "",
-        f"AUROC(combined) - AUROC(MSP) = {number(gain['estimate'])}, 95% paired-bootstrap interval "
-        f"[{number(gain['ci_low'])}, {number(gain['ci_high'])}] ({gain['n_boot']} resamples).",
+        *(
+            [
+                f"MPS increment: AUROC({facts['mps_increment']['candidate']}) - "
+                f"AUROC({facts['mps_increment']['baseline']}) = {number(facts['mps_increment']['auroc_diff'])}, "
+                f"95% paired-bootstrap interval [{number(facts['mps_increment']['ci'][0])}, "
+                f"{number(facts['mps_increment']['ci'][1])}] ({facts['mps_increment']['n_boot']} resamples).",
+            ]
+            if facts["mps_increment"]
+            else []
+        ),
         "",
         "![ROC](roc.png) ![Risk-coverage](risk_coverage.png)",
         "",
@@ -277,8 +317,17 @@ def _markdown(
         "- `mps` score: posterior probability that the prediction is incorrect given its MPS area "
         "(kernel densities on logit(area) for correct and incorrect predictions of the fit split, "
         "per predicted class where there is enough data, prior = the fit split's error rate).",
-        "- `msp` score: 1 - top-1 probability. `combined`: logistic regression on logit(area), MSP and margin.",
-        "- p-value: (1 + #{held-out correct scores >= s}) / (n + 1); flagged when p <= alpha.",
+        "- `msp` score: 1 - top-1 probability. `confidence`: the confidence feature (MSP, margin, "
+        "entropy, max-logit, energy, MaxLogit-pNorm) with the lowest AURC on the fit split. "
+        "`class-confidence`: logistic regression on that feature with an intercept and slope per "
+        "predicted class. `combined`: logistic regression on logit(area), MSP and margin. "
+        "`evidence`: regularised logistic regression on confidence features, the predicted class "
+        "and the MPS evidence features.",
+        "- Choice (`auto`): cross-validated AURC on the fit split; an MPS-using score only when its "
+        "gain over the best score without the MPS has a 95% interval above 0.",
+        "- p-value: (1 + #{held-out correct scores >= s}) / (n + 1) (marginal), or its "
+        "calibration-conditional bound; flagged when p <= alpha.",
+        "- AUGRC: area under the generalized risk-coverage curve (accepted errors / all items).",
         "- AUPR-Error: average precision with errors as positives. AURC: area under the risk-coverage curve.",
         "",
     ]

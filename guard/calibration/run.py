@@ -11,6 +11,7 @@ from guard.cached_run import CachedRun, fingerprint, run_cached
 from guard.calibration.records import ItemRecord
 from guard.datasets import Item, LabelledData
 from guard.engine import MpsEngine
+from guard.evidence import MPS_GROUPS, STABILITY_SEED_OFFSET, item_features
 from guard.runtime import MaskedClassifier
 
 __all__ = ["run_items"]
@@ -22,16 +23,37 @@ def run_items(
     engine: MpsEngine,
     cache: Path,
     *,
+    stability: bool = False,
     batch_items: int = 8,
     restart: bool = False,
     on_progress: Callable[[int], None] | None = None,
 ) -> CachedRun[ItemRecord]:
-    """Compute (or take from the cache) the calibration record of every item, in data order."""
+    """Compute (or take from the cache) the calibration record of every item, in data order.
+
+    Each record holds every evidence feature (guard.evidence), so any score can be fitted
+    from it; ``stability`` adds a second seed's MPS (twice the MPS cost) and its agreement.
+    """
+    groups = ["confidence", *MPS_GROUPS] + (["stability"] if stability else [])
+    second_engine = (
+        MpsEngine(
+            classifier,
+            engine.settings.model_copy(
+                update={"seed": engine.settings.seed + STABILITY_SEED_OFFSET}
+            ),
+        )
+        if stability
+        else None
+    )
 
     def explain(items: list[Item]) -> list[ItemRecord]:
         images = np.stack([item.tensor for item in items])
         prediction = classifier.predict(images)
         explained = engine.explain_batch(images)
+        second = second_engine.explain_batch(images) if second_engine is not None else None
+        features = item_features(
+            classifier, engine.settings.baseline, images, prediction.scores,
+            classifier.output_kind, explained, groups=groups, second=second,
+        )  # fmt: skip
         return [
             ItemRecord(
                 key=item.key,
@@ -42,11 +64,13 @@ def run_items(
                 mps_area_fraction=mps.mps_area_fraction,
                 degenerate=mps.degenerate,
                 baseline_class=mps.baseline_class,
+                features=features[i],
             )
             for i, (item, mps) in enumerate(zip(items, explained, strict=True))
         ]
 
+    expected = {**fingerprint(classifier, engine, data), "features": groups}
     return run_cached(
-        data, cache, fingerprint(classifier, engine, data), explain, ItemRecord.from_json_line,
+        data, cache, expected, explain, ItemRecord.from_json_line,
         batch_items=batch_items, restart=restart, on_progress=on_progress,
     )  # fmt: skip

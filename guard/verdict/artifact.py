@@ -18,24 +18,29 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import Field, ValidationError, model_validator
 
 from guard.errors import ConfigError
-from guard.verdict.detector import Detector, Reason, Verdict
+from guard.verdict.detector import Detector, Verdict
 from guard.verdict.schema import OptionalFloat, Strict
-from guard.verdict.scores import ScoreKind
+from guard.verdict.scores import MpsScore, ScoreKind
 
 __all__ = [
     "SCHEMA_VERSION",
-    "AurocDifference",
+    "Increment",
     "CalibrationArtifact",
     "HeldoutMetrics",
     "MannWhitneyResult",
     "ModelInfo",
+    "Rate",
     "ScoreMetrics",
     "load_artifact",
     "save_artifact",
     "score_prediction",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Version 1 (before scores were chosen by validation and the engine matched rex-xai's
+# extraction) still loads, converted: its detector and metrics map onto version 2, and its
+# MPSs keep being made as they were calibrated (the empty-MPS shortcut, the counter stream).
+READABLE_VERSIONS = (1, 2)
 
 
 class ModelInfo(Strict):
@@ -52,12 +57,36 @@ class ModelInfo(Strict):
 
 
 class ScoreMetrics(Strict):
-    """Error detection by one score on the held-out split (None: undefined there)."""
+    """Error detection by one score on the held-out split (None: undefined there), with 95%
+    bootstrap intervals over held-out items."""
 
     auroc: OptionalFloat
     aupr_error: OptionalFloat
     fpr_at_95_tpr: OptionalFloat
     aurc: OptionalFloat
+    augrc: OptionalFloat = None
+    auroc_ci: tuple[OptionalFloat, OptionalFloat] = (None, None)
+    aurc_ci: tuple[OptionalFloat, OptionalFloat] = (None, None)
+    cv_aurc: OptionalFloat = None  # cross-validated on the fit split: what the choice used
+
+
+class Rate(Strict):
+    """A proportion with its 95% Clopper-Pearson interval."""
+
+    rate: OptionalFloat
+    ci: tuple[OptionalFloat, OptionalFloat]
+    n: int
+
+
+class Increment(Strict):
+    """AUROC of the best MPS-using score minus that of the best score without the MPS (both
+    chosen on the fit split), on the held-out split, with a paired-bootstrap 95% interval."""
+
+    baseline: str
+    candidate: str
+    auroc_diff: OptionalFloat
+    ci: tuple[OptionalFloat, OptionalFloat]
+    n_boot: int
 
 
 class MannWhitneyResult(Strict):
@@ -71,15 +100,6 @@ class MannWhitneyResult(Strict):
     level: float
     n_incorrect: int
     n_correct: int
-
-
-class AurocDifference(Strict):
-    """AUROC(combined) - AUROC(msp) on the held-out split, 95% paired-bootstrap interval."""
-
-    estimate: OptionalFloat
-    ci_low: OptionalFloat
-    ci_high: OptionalFloat
-    n_boot: int
 
 
 class HeldoutMetrics(Strict):
@@ -98,6 +118,12 @@ class HeldoutMetrics(Strict):
     false_alarm_rate_holdout: OptionalFloat  # flagged share of evaluation-half correct items
     detection_rate_holdout: OptionalFloat  # flagged share of all held-out incorrect items
     scores: dict[ScoreKind, ScoreMetrics]  # ranking metrics on the whole held-out split
+    # The deployed score's false-alarm rate under each threshold option, and its detection rate.
+    false_alarm_rates: dict[str, Rate] = Field(default_factory=dict)
+    detection_rate: Rate | None = None
+    selected_score: str | None = None
+    selection: str = ""  # why that score, in words
+    mps_increment: Increment | None = None
     mean_area_correct: OptionalFloat
     median_area_correct: OptionalFloat
     mean_area_incorrect: OptionalFloat
@@ -107,13 +133,12 @@ class HeldoutMetrics(Strict):
     baseline_class_mode_fraction: float  # share of items whose baseline input gets that class
     baseline_matches_prediction_fraction: float  # share of items predicted as their baseline class
     mann_whitney: MannWhitneyResult
-    auroc_gain_combined_over_msp: AurocDifference
 
 
 class CalibrationArtifact(Strict):
     """The output of ``guard calibrate``: bound to one model and one engine configuration."""
 
-    schema_version: Literal[1]
+    schema_version: Literal[2]
     created_at: datetime
     model: ModelInfo
     preprocessing: dict[str, Any] | None
@@ -131,9 +156,12 @@ class CalibrationArtifact(Strict):
         n = self.model.num_classes
         if self.class_names and len(self.class_names) != n:
             raise ValueError(f"{len(self.class_names)} class names for a model with {n} classes")
-        outside = [c for c in self.detector.area_model.per_class if not 0 <= c < n]
+        score = self.detector.score
+        classes = list(self.detector.class_references)
+        classes += list(score.area_model.per_class) if isinstance(score, MpsScore) else []
+        outside = sorted({c for c in classes if not 0 <= c < n})
         if outside:
-            raise ValueError(f"per-class densities for classes {outside} outside 0..{n - 1}")
+            raise ValueError(f"per-class fits for classes {outside} outside 0..{n - 1}")
         return self
 
 
@@ -171,14 +199,19 @@ def load_artifact(
     if not isinstance(raw, dict):
         raise ConfigError(f"calibration file {source} must hold a JSON object")
     version = raw.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ConfigError(
             f"calibration file {source} has schema_version {version!r}; this guard reads "
-            f"version {SCHEMA_VERSION}. Re-run guard calibrate."
+            f"versions {', '.join(map(str, READABLE_VERSIONS))}. Re-run guard calibrate."
         )
     try:
-        artifact = CalibrationArtifact.model_validate_json(text)
-    except ValidationError as exc:
+        if version == SCHEMA_VERSION:
+            artifact = CalibrationArtifact.model_validate_json(text)
+        else:
+            artifact = CalibrationArtifact.model_validate(_from_version_1(raw))
+    except (ValidationError, KeyError, TypeError) as exc:
+        if not isinstance(exc, ValidationError):
+            raise ConfigError(f"calibration file {source} is invalid: missing {exc}") from exc
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
             for err in exc.errors()[:5]
@@ -194,32 +227,61 @@ def load_artifact(
     return artifact
 
 
+def _from_version_1(raw: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 document as version 2, behaving exactly as it did."""
+    doc = dict(raw, schema_version=SCHEMA_VERSION)
+    old = dict(doc["detector"])
+    kind = old.pop("score_kind")
+    area_model, combined = old.pop("area_model"), old.pop("combined")
+    if kind == "mps":
+        score: dict[str, Any] = {"kind": "mps", "area_model": area_model}
+    elif kind == "msp":
+        score = {"kind": "msp"}
+    elif combined is not None:
+        fitted = {k: combined[k] for k in ("means", "stds", "coefficients", "intercept")}
+        score = {"kind": "combined", "terms": ["logit_mps_area", "msp", "margin"], **fitted}
+    else:  # no regression could be fitted: the prior error rate for every prediction
+        prior = min(max(area_model["prior_incorrect"], 1e-12), 1 - 1e-12)
+        score = {
+            "kind": "combined",
+            "terms": ["msp"],
+            "means": [0.0],
+            "stds": [1.0],
+            "coefficients": [0.0],
+            "intercept": math.log(prior) - math.log1p(-prior),
+        }
+    doc["detector"] = {**old, "score": score}
+    metrics = dict(doc["metrics"])
+    metrics.pop("auroc_gain_combined_over_msp", None)
+    doc["metrics"] = metrics
+    # Version 1 engines tested the empty set first and drew the counter stream.
+    doc["engine"] = {"empty_mps": True, "random_stream": "counter", **doc["engine"]}
+    return doc
+
+
 def score_prediction(
     artifact: CalibrationArtifact,
     *,
-    mps_area_fraction: float,
+    mps_area_fraction: float | None = None,
     confidence: float,
     predicted_class: int,
     margin: float | None = None,
+    features: dict[str, float] | None = None,
 ) -> Verdict:
     """Check one prediction against the calibration (numpy only; no refitting).
 
-    ``margin`` is needed only for the ``combined`` score kind.
+    ``features`` holds whatever else the calibrated score reads (``Detector.features``).
     """
-    if not (math.isfinite(mps_area_fraction) and 0.0 <= mps_area_fraction <= 1.0):
+    if mps_area_fraction is not None and not (
+        math.isfinite(mps_area_fraction) and 0.0 <= mps_area_fraction <= 1.0
+    ):
         raise ValueError(f"mps_area_fraction must be in [0, 1], got {mps_area_fraction}")
     if not math.isfinite(confidence):
         raise ValueError(f"confidence must be finite, got {confidence}")
-    verdicts = artifact.detector.evaluate(
-        mps_area_fraction=[mps_area_fraction],
-        confidence=[confidence],
-        predicted_class=[predicted_class],
-        margin=None if margin is None else [margin],
-    )
-    reason: Reason = verdicts.reason[0].item()
-    return Verdict(
-        score=float(verdicts.score[0]),
-        p_value=float(verdicts.p_value[0]),
-        flagged=bool(verdicts.flagged[0]),
-        reason=reason,
-    )
+    table: dict[str, list[float]] = {k: [v] for k, v in (features or {}).items()}
+    table.update(msp=[confidence], predicted_class=[predicted_class])
+    if mps_area_fraction is not None:
+        table["mps_area_fraction"] = [mps_area_fraction]
+    if margin is not None:
+        table["margin"] = [margin]
+    return artifact.detector.evaluate(table)[0]

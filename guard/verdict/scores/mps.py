@@ -1,12 +1,9 @@
-"""Suspicion scores of predictions (higher is more suspicious), as fitted numbers; numpy only.
+"""The paper's check: P(incorrect | MPS area), from area densities fitted offline.
 
-- ``mps`` score: posterior probability that the prediction is incorrect given its MPS area,
-  P(incorrect | area) = pi f1(a) / (pi f1(a) + (1 - pi) f0(a)), with f1/f0 the area densities
-  of incorrect/correct predictions (per predicted class where fitted, else pooled) and pi the
-  fit-split error rate. Whether large or small areas are suspicious is whatever the densities
-  say; nothing assumes the paper's direction.
-- ``msp`` score: 1 - confidence. ``combined``: a logistic regression on logit(area),
-  confidence and margin.
+P(incorrect | area) = pi f1(a) / (pi f1(a) + (1 - pi) f0(a)), with f1/f0 the densities of
+logit(area) of incorrect/correct predictions (per predicted class where fitted, else pooled)
+and pi the fit-split error rate. Whether large or small areas are suspicious is whatever the
+densities say; nothing assumes the paper's direction.
 """
 
 from __future__ import annotations
@@ -19,28 +16,10 @@ from numpy.typing import ArrayLike, NDArray
 from pydantic import Field, PrivateAttr, model_validator
 
 from guard.verdict.schema import Derived, Strict
+from guard.verdict.scores.base import Features, column
+from guard.verdict.scores.linear import logit_area
 
-__all__ = [
-    "COMBINED_FEATURES",
-    "AreaDensity",
-    "AreaModel",
-    "CombinedModel",
-    "DensityPair",
-    "ScoreKind",
-    "combined_features",
-    "logit_area",
-    "posterior_incorrect",
-    "suspicion_scores",
-]
-
-ScoreKind = Literal["mps", "msp", "combined"]
-COMBINED_FEATURES = ("logit_mps_area", "confidence", "margin")
-
-
-def logit_area(mps_area_fraction: ArrayLike, eps: float) -> NDArray[np.float64]:
-    """logit(clip(area, eps, 1 - eps)): the axis on which area densities live."""
-    a = np.clip(np.asarray(mps_area_fraction, dtype=np.float64), eps, 1.0 - eps)
-    return np.log(a) - np.log1p(-a)
+__all__ = ["AreaDensity", "AreaModel", "DensityPair", "MpsScore", "posterior_incorrect"]
 
 
 class AreaDensity(Strict):
@@ -139,65 +118,22 @@ def _mps_scores(
     return out
 
 
-class CombinedModel(Strict):
-    """Logistic regression on standardised [logit(area), confidence, margin]."""
+class MpsScore(Strict):
+    """The ``mps`` score: posterior probability of an error given the MPS area."""
 
-    feature_names: list[str] = Field(default=list(COMBINED_FEATURES))
-    means: list[float] = Field(min_length=3, max_length=3)
-    stds: list[float] = Field(min_length=3, max_length=3)
-    coefficients: list[float] = Field(min_length=3, max_length=3)
-    intercept: float
+    kind: Literal["mps"] = "mps"
+    area_model: AreaModel
 
-    @model_validator(mode="after")
-    def _check(self) -> Self:
-        if tuple(self.feature_names) != COMBINED_FEATURES:
-            raise ValueError(f"feature_names must be {list(COMBINED_FEATURES)}")
-        if any(s <= 0 for s in self.stds):
-            raise ValueError("feature stds must be positive")
-        return self
+    @property
+    def features(self) -> frozenset[str]:
+        return frozenset({"mps_area_fraction", "predicted_class"})
 
-    def probability_incorrect(self, features: NDArray[np.float64]) -> NDArray[np.float64]:
-        """P(incorrect) for rows of raw (unstandardised) features."""
-        z = (features - np.asarray(self.means)) / np.asarray(self.stds)
-        logit = z @ np.asarray(self.coefficients) + self.intercept
-        return 0.5 * (1.0 + np.tanh(0.5 * logit))
+    def scores(self, features: Features) -> NDArray[np.float64]:
+        return _mps_scores(
+            self.area_model,
+            column(features, "mps_area_fraction"),
+            column(features, "predicted_class").astype(np.int64),
+        )
 
-
-def combined_features(
-    mps_area_fraction: ArrayLike, confidence: ArrayLike, margin: ArrayLike, eps: float
-) -> NDArray[np.float64]:
-    """Feature rows [logit(area), confidence, margin] of the combined score."""
-    return np.column_stack(
-        [
-            logit_area(mps_area_fraction, eps),
-            np.asarray(confidence, dtype=np.float64),
-            np.asarray(margin, dtype=np.float64),
-        ]
-    )
-
-
-def suspicion_scores(
-    kind: ScoreKind,
-    area_model: AreaModel,
-    combined: CombinedModel | None,
-    *,
-    mps_area_fraction: ArrayLike,
-    confidence: ArrayLike,
-    predicted_class: ArrayLike,
-    margin: ArrayLike | None = None,
-) -> NDArray[np.float64]:
-    """Scores of a batch of predictions (higher is more suspicious); numpy only."""
-    area = np.atleast_1d(np.asarray(mps_area_fraction, dtype=np.float64))
-    if kind == "mps":
-        classes = np.atleast_1d(np.asarray(predicted_class, dtype=np.int64))
-        return _mps_scores(area_model, area, classes)
-    conf = np.atleast_1d(np.asarray(confidence, dtype=np.float64))
-    if kind == "msp":
-        return 1.0 - conf
-    if margin is None:
-        raise ValueError("the combined score needs the margin (top-1 minus top-2 probability)")
-    if combined is None:
-        # No regression could be fitted (one class only): no information beyond the prior.
-        return np.full(area.shape, area_model.prior_incorrect)
-    features = combined_features(area, conf, np.atleast_1d(margin), area_model.area_eps)
-    return combined.probability_incorrect(features)
+    def contributions(self, features: Features) -> list[list[tuple[str, float]]]:
+        return [[("mps_area_fraction", float(a))] for a in column(features, "mps_area_fraction")]
