@@ -33,7 +33,7 @@ from guard.verdict.artifact import (
     score_prediction,
 )
 from guard.verdict.conformal import ConformalReference
-from guard.verdict.scores import posterior_incorrect
+from guard.verdict.scores.mps import posterior_incorrect
 
 SHA = "ab" * 32
 OTHER_SHA = "cd" * 32
@@ -113,7 +113,7 @@ def _artifact(fit: FitResult) -> CalibrationArtifact:
 @pytest.fixture(scope="module")
 def fitted() -> FitResult:
     rng = np.random.default_rng(1)
-    return fit_calibration(_records(_synthetic(rng, 1200)), alpha=0.1, n_boot=200)
+    return fit_calibration(_records(_synthetic(rng, 1200)), alpha=0.1, score="mps", n_boot=200)
 
 
 # --- metrics ---------------------------------------------------------------------------
@@ -242,7 +242,7 @@ def test_posterior_matches_analytic_gaussians() -> None:
         logit_mean_incorrect=mu_i,
         logit_sd=sd,
     )
-    fit = fit_calibration(_records(items), holdout_fraction=0.25, n_boot=0)
+    fit = fit_calibration(_records(items), holdout_fraction=0.25, score="mps", n_boot=0)
     x = np.linspace(-2.5, -0.5, 11)
     got = [
         fit.detector.evaluate(mps_area_fraction=_expit(v), confidence=0.9, predicted_class=0).score[
@@ -256,7 +256,7 @@ def test_posterior_matches_analytic_gaussians() -> None:
         f_c = np.exp(-0.5 * ((x - mu_c) / sd) ** 2)
         return p * f_i / (p * f_i + (1 - p) * f_c)
 
-    assert fit.detector.area_model.prior_incorrect == pytest.approx(prior, abs=0.01)
+    assert fit.detector.score.area_model.prior_incorrect == pytest.approx(prior, abs=0.01)
     np.testing.assert_allclose(got, analytic(prior), atol=0.04)
     # The check above could not pass with the prior ignored (taken as 1/2).
     assert np.max(np.abs(analytic(0.5) - analytic(prior))) > 0.2
@@ -277,7 +277,7 @@ def test_direction_is_learned(incorrect_mean: float) -> None:
         logit_mean_correct=-2.0,
         logit_mean_incorrect=incorrect_mean,
     )
-    fit = fit_calibration(_records(items), alpha=0.1, n_boot=0)
+    fit = fit_calibration(_records(items), alpha=0.1, score="mps", n_boot=0)
     auroc = fit.metrics.scores["mps"].auroc
     assert auroc is not None and auroc > 0.8
     artifact = _artifact(fit)
@@ -314,8 +314,8 @@ def test_per_class_densities_fall_back_to_pooled() -> None:
                     baseline_class=5,
                 )
             )
-    fit = fit_calibration(records, n_boot=0)
-    assert set(fit.detector.area_model.per_class) == {0}
+    fit = fit_calibration(records, score="mps", n_boot=0)
+    assert set(fit.detector.score.area_model.per_class) == {0}
     assert any("pooled" in note for note in fit.notes)
 
     def score(cls: int, area: float) -> float:
@@ -332,10 +332,11 @@ def test_per_class_densities_fall_back_to_pooled() -> None:
 
 def test_no_errors_is_handled_gracefully() -> None:
     items = _synthetic(np.random.default_rng(9), 300, all_correct=True)
-    fit = fit_calibration(_records(items), n_boot=100)
+    assert fit_calibration(_records(items), n_boot=0).metrics.selected_score == "msp"
+    fit = fit_calibration(_records(items), score="mps", n_boot=100)
     assert fit.metrics.scores["mps"].auroc is None
     assert fit.metrics.false_alarm_rate_holdout == 0.0
-    assert fit.detector.combined is None
+    assert fit.candidates["combined"].coefficients == [0.0, 0.0, 0.0]
     assert any("No incorrect predictions" in note for note in fit.notes)
     verdict = score_prediction(
         _artifact(fit), mps_area_fraction=0.9, confidence=0.2, predicted_class=0
@@ -468,8 +469,8 @@ def test_artifact_validation_is_strict(tmp_path: Path, fitted: FitResult) -> Non
     nested = _write_altered(tmp_path, fitted, lambda d: d["detector"].update(alpah=0.1))
     with pytest.raises(ConfigError, match="alpah"):
         load_artifact(nested)
-    version = _write_altered(tmp_path, fitted, lambda d: d.update(schema_version=2))
-    with pytest.raises(ConfigError, match="schema_version 2"):
+    version = _write_altered(tmp_path, fitted, lambda d: d.update(schema_version=99))
+    with pytest.raises(ConfigError, match="schema_version 99"):
         load_artifact(version)
     tampered = _write_altered(
         tmp_path, fitted, lambda d: d["detector"]["score_reference"].update(alpha=0.5)
@@ -501,6 +502,7 @@ def test_small_tail_verdict(fitted: FitResult) -> None:
         _records(_synthetic(np.random.default_rng(13), 1200)),
         alpha=0.1,
         flag_small_tail=True,
+        score="mps",
         n_boot=0,
     )
     assert fit.detector.score_reference.alpha == fit.detector.small_tail_reference.alpha == 0.05
