@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from guard.errors import ConfigError, GuardError
-from guard.preprocess import Preprocessing, load_input
+from guard.preprocess import Preprocessing, read_input
 from guard.runtime.spec import ModelSpec
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".npy"}
@@ -25,7 +25,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 @dataclass(frozen=True)
 class Item:
-    """One labelled input: ``tensor`` in the model's layout, or ``error`` if unreadable."""
+    """One labelled input: ``tensor`` in the model's layout, or ``error`` if unreadable (the
+    reason only: lists show it after the key)."""
 
     key: str
     label: int
@@ -59,11 +60,11 @@ class LabelledData:
                 continue
             assert self._paths is not None
             try:
-                yield Item(
-                    key, label, tensor=load_input(self._paths[i], self.spec, self.preprocessing)
-                )
-            except GuardError as exc:
+                tensor = read_input(self._paths[i], self.spec, self.preprocessing)
+            except GuardError as exc:  # the message names no file: callers list it by key
                 yield Item(key, label, error=str(exc))
+            else:
+                yield Item(key, label, tensor=tensor)
 
 
 def read_class_names(path: Path) -> list[str]:
