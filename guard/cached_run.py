@@ -11,10 +11,12 @@ uninterrupted one.
 from __future__ import annotations
 
 import json
+import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, Protocol, TextIO, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -24,6 +26,7 @@ from guard.errors import ConfigError, GuardError
 from guard.runtime import MaskedClassifier
 
 CACHE_FORMAT = 1
+log = logging.getLogger(__name__)
 
 
 def fingerprint(
@@ -48,43 +51,103 @@ class CachedRecord(Protocol):
 
 
 R = TypeVar("R", bound=CachedRecord)
-# (decoded, finite items of one batch) -> one record per item; GuardError: a batch-level problem
+# (decoded, finite items of one batch) -> one record per item, in order; a GuardError refuses
+# the batch (its items are then tried one by one)
 Explain = Callable[[list[Item]], list[R]]
 
 
 def _read_cache(
     cache: Path, expected: dict[str, Any], parse: Callable[[str], R]
-) -> tuple[list[R], list[tuple[str, str]]]:
-    lines = cache.read_text().splitlines()
+) -> tuple[list[R], list[tuple[str, str]], list[str]]:
+    """The records and skipped items of a cache, and notes on what was repaired.
+
+    A trailing line without its newline was cut short by an interruption: it is dropped (the
+    file is truncated after the last complete line), so new records start on a line of their
+    own. An empty cache, or one whose first line is not a whole fingerprint, is damaged.
+    """
+    data = cache.read_bytes()
+    first, newline, rest = data.partition(b"\n")
     try:
-        header = json.loads(lines[0]) if lines else None
-    except json.JSONDecodeError:
+        header = json.loads(first)
+    except (json.JSONDecodeError, UnicodeDecodeError):
         header = None
+    if not isinstance(header, dict) or not isinstance(header.get("fingerprint"), dict):
+        what = "empty" if not data.strip() else "its first line is not a whole fingerprint"
+        raise ConfigError(
+            f"cache {cache} is damaged ({what}); pass --restart to start over, or delete it"
+        )
     if header != {"fingerprint": expected}:
         raise ConfigError(
             f"cache {cache} was made with other settings, model or data; "
             "delete it or pass --restart to start over"
         )
-    records, skipped = [], []
-    for line in lines[1:]:
+    notes = []
+    if not newline:  # a whole header whose newline was never written
+        _append(cache, b"\n")
+    elif rest and not rest.endswith(b"\n"):
+        complete = len(first) + 1 + rest.rfind(b"\n") + 1
+        with cache.open("r+b") as handle:
+            handle.truncate(complete)
+        rest = rest[: complete - len(first) - 1]
+        notes.append(
+            f"cache {cache}: its last line was cut short (an interrupted write) and was "
+            "dropped; that item is computed again"
+        )
+    found: dict[str, R | str] = {}
+    unreadable = 0
+    for line in rest.decode("utf-8", errors="replace").splitlines():
         try:
             entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by an interruption: that item is simply redone
-        if "skipped" in entry:
-            skipped.append((entry["key"], entry["skipped"]))
-        else:
-            records.append(parse(line))
-    return records, skipped
+            if "skipped" in entry:
+                found[str(entry["key"])] = str(entry["skipped"])
+            else:
+                record = parse(line)
+                found[record.key] = record
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            unreadable += 1  # that item is simply computed again
+    if unreadable:
+        notes.append(
+            f"cache {cache}: {unreadable} unreadable line(s) ignored; their items are "
+            "computed again"
+        )
+    records = [entry for entry in found.values() if not isinstance(entry, str)]
+    skipped = [(key, entry) for key, entry in found.items() if isinstance(entry, str)]
+    return records, skipped, notes
+
+
+def _append(cache: Path, data: bytes) -> None:
+    """Append whole lines in one write, flushed to disk: an interruption leaves either all
+    of them or a cut-short last line, which the next run drops."""
+    descriptor = os.open(cache, os.O_WRONLY | os.O_APPEND)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(descriptor, view) :]
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _start(cache: Path, expected: dict[str, Any]) -> None:
+    """A new cache holding the fingerprint line only, put in place whole (never half)."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache.with_name(cache.name + ".partial")
+    with partial.open("wb") as handle:
+        handle.write((json.dumps({"fingerprint": expected}) + "\n").encode())
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, cache)
 
 
 @dataclass
 class CachedRun(Generic[R]):
-    """The records of a run in data order, the items skipped and why."""
+    """The records of a run in data order, the items skipped and why, and notes on the cache
+    (a repaired interruption) for the user."""
 
     records: list[R]
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason without key)
     resumed: int = 0  # items taken from the cache
+    notes: list[str] = field(default_factory=list)
 
 
 def run_cached(
@@ -101,30 +164,34 @@ def run_cached(
     """Compute (or take from the JSON-lines cache) one record per item, in data order.
 
     The cache's first line is ``expected`` (the fingerprint); a cache with another one is
-    refused. Unreadable or non-finite items, and batches the model rejects, are skipped and
-    cached as such, so a resumed run does not retry them.
+    refused, and so is a damaged one (empty, or a header cut short). A last line cut short by
+    an interruption is dropped and its item computed again (``notes`` says so). Unreadable or
+    non-finite items, and items the model rejects (``GuardError``), are skipped and cached as
+    such, so a resumed run does not retry them; when a batch fails, its items are retried one
+    by one so that only the bad ones are skipped.
     """
     records: list[R] = []
     skipped: list[tuple[str, str]] = []
+    notes: list[str] = []
     if cache.exists() and not restart:
-        records, skipped = _read_cache(cache, expected, parse)
+        records, skipped, notes = _read_cache(cache, expected, parse)
+        for note in notes:
+            log.warning("%s", note)
     else:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({"fingerprint": expected}) + "\n")
+        _start(cache, expected)
     done = {r.key for r in records} | {key for key, _ in skipped}
-    result = CachedRun(records, skipped, resumed=len(done))
+    result = CachedRun(records, skipped, resumed=len(done), notes=notes)
     if on_progress and done:
         on_progress(len(done))
 
-    with cache.open("a") as handle:
-        batch: list[Item] = []
-        for item in data.items(skip=done):
-            batch.append(item)
-            if len(batch) == batch_items:
-                _process(batch, explain, result, handle, on_progress)
-                batch = []
-        if batch:
-            _process(batch, explain, result, handle, on_progress)
+    batch: list[Item] = []
+    for item in data.items(skip=done):
+        batch.append(item)
+        if len(batch) == batch_items:
+            _process(batch, explain, result, cache, on_progress)
+            batch = []
+    if batch:
+        _process(batch, explain, result, cache, on_progress)
     order = {key: i for i, key in enumerate(data.keys)}
     result.records.sort(key=lambda r: order[r.key])
     return result
@@ -134,7 +201,7 @@ def _process(
     batch: list[Item],
     explain: Explain[R],
     result: CachedRun[R],
-    handle: TextIO,
+    cache: Path,
     on_progress: Callable[[int], None] | None,
 ) -> None:
     lines = []
@@ -142,22 +209,37 @@ def _process(
     for item in batch:
         if item.tensor is not None and np.isfinite(item.tensor).all():
             good.append(item)
-        else:
-            reason = item.error or f"{item.key}: input contains NaN or Inf values"
+        else:  # the reason alone: lists show it after the key
+            reason = item.error or "input contains NaN or Inf values"
             result.skipped.append((item.key, reason))
             lines.append(json.dumps({"key": item.key, "skipped": reason}))
-    if good:
-        try:
-            records = explain(good)
-        except GuardError as exc:  # a batch-level input problem: record it per item
-            for item in good:
-                result.skipped.append((item.key, str(exc)))
-                lines.append(json.dumps({"key": item.key, "skipped": str(exc)}))
-            records = []
-        for record in records:
+    for outcome in _explain_isolating(good, explain):
+        if isinstance(outcome[1], str):
+            key, reason = outcome
+            result.skipped.append((key, reason))
+            lines.append(json.dumps({"key": key, "skipped": reason}))
+        else:
+            record = outcome[1]
             result.records.append(record)
             lines.append(record.to_json_line())
-    handle.write("".join(line + "\n" for line in lines))
-    handle.flush()
+    if lines:
+        _append(cache, "".join(line + "\n" for line in lines).encode())
     if on_progress:
         on_progress(len(batch))
+
+
+def _explain_isolating(items: list[Item], explain: Explain[R]) -> list[tuple[str, R | str]]:
+    """(key, record) per item, or (key, reason) for those ``explain`` refuses: when the
+    batch fails with a ``GuardError``, each item is tried alone, so one bad item (an input the
+    model gives non-finite outputs for, say) does not cost its neighbours."""
+    if not items:
+        return []
+    try:
+        return [(record.key, record) for record in explain(items)]
+    except GuardError as exc:
+        if len(items) == 1:
+            return [(items[0].key, str(exc))]
+    outcomes: list[tuple[str, R | str]] = []
+    for item in items:
+        outcomes.extend(_explain_isolating([item], explain))
+    return outcomes
