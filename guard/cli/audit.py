@@ -6,103 +6,67 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from guard.cli.common import (
     EXIT_INTERRUPTED,
-    BaselineOpt,
-    ChunkSizeOpt,
-    ClassesOpt,
-    ColorModeOpt,
-    CombinationOpt,
-    EngineSettingsOpt,
-    HeightOpt,
-    ItersOpt,
-    LayoutOpt,
-    MaxBatchOpt,
-    MeanOpt,
-    MinBoxSizeOpt,
-    OutputKindOpt,
-    OutputOpt,
-    PreprocessingOpt,
-    ProviderOpt,
-    ResizeOpt,
-    RuntimeArgs,
-    ScaleOpt,
-    SeedOpt,
-    StdOpt,
-    TreeDepthOpt,
-    WidthOpt,
     build_runtime,
     err_console,
     fatal,
     out_console,
     progress_bar,
 )
+from guard.cli.options import DATA_HELP, BatchItemsOpt, RuntimeOptions, with_runtime_options
+from guard.numbers import count, number
+
+if TYPE_CHECKING:  # scipy and matplotlib load when the command runs, not for --help
+    from guard.audit.masks import GroundTruth
+    from guard.audit.run import AuditModel
+    from guard.audit.summary import ModelOutcome
+    from guard.datasets import LabelledData
+
+Option = typer.Option
+ModelsOpt = Annotated[list[Path], Option(help="ONNX classifier; repeat for every model to compare")]
+DataOpt = Annotated[Path, Option(help=DATA_HELP)]
+ReportOpt = Annotated[
+    Path, Option(help="write summary.json, records.csv, report.md, plots and the cache here")
+]
+MasksOpt = Annotated[
+    Path | None,
+    Option(help="object masks: a folder mirroring the images, or an .npz with 'masks' "
+                "(default: the data .npz's own 'masks', if any)"),
+]  # fmt: skip
+NamesOpt = Annotated[
+    list[str] | None, Option(help="a name per model, in --model order (default: file stems)")
+]
+FamiliesOpt = Annotated[
+    list[str] | None,
+    Option(help="a family label per model, in --model order; the Friedman test runs "
+                "within each family of three or more (default: one family of all)"),
+]  # fmt: skip
+LevelOpt = Annotated[float, Option(help="significance level of the tests")]
+RestartOpt = Annotated[
+    bool, Option(help="ignore the cached results of an earlier run and start over")
+]
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
+@with_runtime_options(exclude=("model",))
 def audit(
-    model: Annotated[
-        list[Path], typer.Option(help="ONNX classifier; repeat for every model to compare")
-    ],
-    data: Annotated[
-        Path, typer.Option(help="ImageFolder directory, path,label CSV, or .npz with x and y")
-    ],
-    report: Annotated[
-        Path,
-        typer.Option(help="write summary.json, records.csv, report.md, plots and the cache here"),
-    ],
-    masks: Annotated[
-        Path | None,
-        typer.Option(
-            help="object masks: a folder mirroring the images, or an .npz with 'masks' "
-            "(default: the data .npz's own 'masks', if any)"
-        ),
-    ] = None,  # fmt: skip
-    name: Annotated[
-        list[str] | None,
-        typer.Option(help="a name per model, in --model order (default: file stems)"),
-    ] = None,
-    family: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="a family label per model, in --model order; the Friedman test runs "
-            "within each family of three or more (default: one family of all)"
-        ),
-    ] = None,  # fmt: skip
-    level: Annotated[float, typer.Option(help="significance level of the tests")] = 0.05,
-    batch_items: Annotated[
-        int, typer.Option(help="images explained together (share model calls)")
-    ] = 8,
-    restart: Annotated[
-        bool, typer.Option(help="ignore the cached results of an earlier run and start over")
-    ] = False,
-    preprocessing: PreprocessingOpt = None,
-    scale: ScaleOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    color_mode: ColorModeOpt = None,
-    resize: ResizeOpt = None,
-    layout: LayoutOpt = "auto",
-    height: HeightOpt = None,
-    width: WidthOpt = None,
-    output: OutputOpt = None,
-    output_kind: OutputKindOpt = "auto",
-    provider: ProviderOpt = "auto",
-    engine_settings: EngineSettingsOpt = None,
-    iters: ItersOpt = None,
-    seed: SeedOpt = None,
-    tree_depth: TreeDepthOpt = None,
-    min_box_size: MinBoxSizeOpt = None,
-    chunk_size: ChunkSizeOpt = None,
-    baseline: BaselineOpt = None,
-    combination: CombinationOpt = None,
-    max_batch_size: MaxBatchOpt = None,
-    classes: ClassesOpt = None,
+    model: ModelsOpt,
+    data: DataOpt,
+    report: ReportOpt,
+    masks: MasksOpt = None,
+    name: NamesOpt = None,
+    family: FamiliesOpt = None,
+    level: LevelOpt = 0.05,
+    batch_items: BatchItemsOpt = 8,
+    restart: RestartOpt = False,
+    *,
+    options: RuntimeOptions,
 ) -> None:
     """Run every model on the same labelled images with identical engine settings and compare
     their MPSs: per-model tables, significance tests, overlaps, localisation, a ranking.
@@ -111,21 +75,35 @@ def audit(
     the same command after an interruption resumes where it stopped. With one model only the
     per-model tables are written and the comparisons are left out (the report says so).
     """
-    # Heavy imports only for this command (scipy, matplotlib).
     from guard.audit.masks import open_ground_truth
     from guard.audit.report import write_report
-    from guard.audit.run import AuditModel, run_model
-    from guard.audit.summary import ModelOutcome, summarise
-    from guard.datasets import open_labelled_data
 
-    names = name or [path.stem for path in model]
-    families = family or ["all"] * len(model)
-    if not model:
+    names, families = _validate(model, name, family, level, batch_items)
+    audited, data_sets = _load(model, names, families, data, options)
+    truth = open_ground_truth(masks, data, data_sets[0].keys)
+    outcomes = _run(audited, data_sets, truth, report, batch_items=batch_items, restart=restart)
+    _report_skipped(outcomes)
+    summary = _summarise(outcomes, audited, level, len(data_sets[0].keys), truth)
+    write_report(report, outcomes, summary)
+    _print_summary(summary, report)
+
+
+def _validate(
+    models: list[Path],
+    name: list[str] | None,
+    family: list[str] | None,
+    level: float,
+    batch_items: int,
+) -> tuple[list[str], list[str]]:
+    """The models' names and families, once every option is known to be usable."""
+    names = name or [path.stem for path in models]
+    families = family or ["all"] * len(models)
+    if not models:
         raise fatal("give at least one --model")
-    if len(names) != len(model):
-        raise fatal(f"{len(names)} --name values for {len(model)} models; give one per model")
-    if len(families) != len(model):
-        raise fatal(f"{len(families)} --family values for {len(model)} models; give one per model")
+    if len(names) != len(models):
+        raise fatal(f"{len(names)} --name values for {len(models)} models; give one per model")
+    if len(families) != len(models):
+        raise fatal(f"{len(families)} --family values for {len(models)} models; give one per model")
     if len(set(names)) != len(names):
         raise fatal(f"model names must differ ({', '.join(names)}); set them with --name")
     if bad := [n for n in names if not _NAME.match(n)]:
@@ -134,48 +112,67 @@ def audit(
         raise fatal(f"--level must lie strictly between 0 and 1, not {level}")
     if batch_items < 1:
         raise fatal(f"--batch-items must be at least 1, not {batch_items}")
+    return names, families
 
-    shared = RuntimeArgs(
-        **{k: v for k, v in locals().items() if k in RuntimeArgs.__dataclass_fields__ and k != "model"}
-    )  # fmt: skip
+
+def _load(
+    models: list[Path], names: list[str], families: list[str], data: Path, options: RuntimeOptions
+) -> tuple[list[AuditModel], list[LabelledData]]:
+    """Every model with the same options, and the data as each one reads it."""
+    from guard.audit.run import AuditModel
+    from guard.datasets import open_labelled_data
+
     audited, data_sets = [], []
-    for path, model_name, model_family in zip(model, names, families, strict=True):
-        runtime = build_runtime(replace(shared, model=path))
+    for path, model_name, model_family in zip(models, names, families, strict=True):
+        runtime = build_runtime(replace(options, model=path))
         # Each model reads the data at its own input size (image files are resized to it).
         data_sets.append(open_labelled_data(data, runtime.classifier.spec, runtime.preprocessing,
                                             runtime.class_names))  # fmt: skip
         audited.append(
             AuditModel(model_name, path, model_family, runtime.classifier, runtime.engine)
         )
-    keys = data_sets[0].keys
     classes_seen = {len(d.class_names) for d in data_sets}
     if len(classes_seen) > 1:
         raise fatal(f"the models have different numbers of classes ({sorted(classes_seen)})")
-    truth = open_ground_truth(masks, data, keys)
+    return audited, data_sets
+
+
+def _run(
+    audited: list[AuditModel],
+    data_sets: list[LabelledData],
+    truth: GroundTruth | None,
+    report: Path,
+    *,
+    batch_items: int,
+    restart: bool,
+) -> list[ModelOutcome]:
+    """Every model on every item, cached under REPORT/cache; an interruption keeps what is done."""
+    from guard.audit.run import run_model
+    from guard.audit.summary import ModelOutcome
 
     outcomes = []
     try:
         with progress_bar("auditing") as progress:
-            for audited_model, data_set in zip(audited, data_sets, strict=True):
-                task = progress.add_task(
-                    audited_model.name, total=len(data_set), rate=audited_model.name
-                )
-                outcome = run_model(
-                    audited_model, data_set, truth, report / "cache" / f"{audited_model.name}.jsonl",
+            for model, data_set in zip(audited, data_sets, strict=True):
+                task = progress.add_task(model.name, total=len(data_set), rate=model.name)
+                run = run_model(
+                    model, data_set, truth, report / "cache" / f"{model.name}.jsonl",
                     batch_items=batch_items, restart=restart,
-                    on_progress=lambda count, task=task: progress.update(task, advance=count),
+                    on_progress=lambda done, task=task: progress.update(task, advance=done),
                 )  # fmt: skip
-                outcomes.append(ModelOutcome(audited_model, outcome.records, outcome.skipped,
-                                             outcome.resumed))  # fmt: skip
+                outcomes.append(ModelOutcome(model, run.records, run.skipped, run.resumed))
     except KeyboardInterrupt:
         err_console.print(
             f"interrupted: results so far are kept in {report / 'cache'}; run the same command again to resume"
         )
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    return outcomes
 
+
+def _report_skipped(outcomes: list[ModelOutcome]) -> None:
     for outcome in outcomes:
         if outcome.skipped:
-            err_console.print(f"{outcome.model.name}: skipped {len(outcome.skipped)} item(s):",
+            err_console.print(f"{outcome.model.name}: skipped {count(len(outcome.skipped), 'item')}:",
                               markup=False, highlight=False)  # fmt: skip
             for key, reason in outcome.skipped:
                 err_console.print(
@@ -183,28 +180,35 @@ def audit(
                 )
     if not any(o.records for o in outcomes):
         raise fatal("no item could be explained by any model; nothing to report")
-    summary = summarise(
+
+
+def _summarise(
+    outcomes: list[ModelOutcome],
+    audited: list[AuditModel],
+    level: float,
+    n_items: int,
+    truth: GroundTruth | None,
+) -> dict[str, Any]:
+    from guard.audit.summary import summarise
+
+    return summarise(
         outcomes, level=level, engine=audited[0].engine.settings.model_dump(mode="json"),
-        n_items=len(keys), masks=str(truth.source) if truth else None,
+        n_items=n_items, masks=str(truth.source) if truth else None,
     )  # fmt: skip
-    write_report(report, outcomes, summary)
-    _print_summary(summary, report)
 
 
 def _print_summary(summary: dict[str, Any], report: Path) -> None:
-    def f(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.3f}"
-
     for m in summary["models"]:
         located = (
-            f", RRA {f(m['rra'])}, pointing game {f(m['pointing_game'])}"
+            f", RRA {number(m['rra'])}, pointing game {number(m['pointing_game'])}"
             if summary["masks"]
             else ""
         )
         out_console.print(
-            f"{m['name']}: accuracy {f(m['accuracy'])}, MPS area mean {f(m['mps_area_mean'])} "
-            f"(correct {f(m['mps_area_mean_correct'])}, incorrect {f(m['mps_area_mean_incorrect'])})"
-            + located, markup=False, highlight=False, soft_wrap=True,
+            f"{m['name']}: accuracy {number(m['accuracy'])}, MPS area mean "
+            f"{number(m['mps_area_mean'])} (correct {number(m['mps_area_mean_correct'])}, "
+            f"incorrect {number(m['mps_area_mean_incorrect'])})" + located,
+            markup=False, highlight=False, soft_wrap=True,
         )  # fmt: skip
     out_console.print(summary["ranking"], markup=False, highlight=False)
     for note in summary["notes"]:

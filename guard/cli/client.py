@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from guard.cli.common import EXIT_INPUT_ERRORS, out_console, print_error
+from guard.numbers import number, p_value
+
+if TYPE_CHECKING:  # grpc loads when the command runs, not for --help
+    from guard.transport.grpc.client import GuardClient
 
 Opt = typer.Option
 
@@ -24,38 +28,45 @@ def client(
     tls_key: Annotated[Path | None, Opt(help="client key (mutual TLS)")] = None,
 ) -> None:
     """Send each image to a running ``guard serve`` and print its verdict."""
-    import grpc
-
     from guard.transport.grpc.client import GuardClient, channel
 
-    failed = 0
     target = channel(server, tls_ca=tls_ca, client_cert=tls_cert, client_key=tls_key)
     with GuardClient(target, timeout=timeout) as guard:
-        for path in images:
-            try:
-                answer = guard.explain(path.read_bytes(), model_name=model_name)
-            except OSError as exc:
-                failed += 1
-                print_error(f"{path}: {exc.strerror or exc}")
-                continue
-            except grpc.RpcError as exc:
-                failed += 1
-                print_error(f"{path}: {exc.code().name}: {exc.details()}")
-                continue
-            if as_json:
-                print(json.dumps({"path": str(path), **_record(answer)}))
-                continue
-            name = f" {answer.predicted_name!r}" if answer.predicted_name else ""
-            verdict = f"FLAGGED ({answer.reason})" if answer.flagged else "ok"
-            out_console.print(
-                f"{path}: class {answer.predicted_class}{name}, confidence "
-                f"{answer.confidence:.3f}, MPS {answer.mps_area_fraction:.1%} of the pixels, "
-                f"score {answer.score:.3f}, p-value {answer.p_value:.3f}: {verdict}",
-                highlight=False,
-                soft_wrap=True,
-            )
-    if failed:
+        answered = [_ask(guard, path, model_name, as_json=as_json) for path in images]
+    if not all(answered):
         raise typer.Exit(EXIT_INPUT_ERRORS)
+
+
+def _ask(guard: GuardClient, path: Path, model_name: str, *, as_json: bool) -> bool:
+    """Print one image's verdict, or report why there is none; whether there is one."""
+    import grpc  # only when asking
+
+    try:
+        answer = guard.explain(path.read_bytes(), model_name=model_name)
+    except OSError as exc:
+        print_error(f"{path}: {exc.strerror or exc}")
+        return False
+    except grpc.RpcError as exc:
+        print_error(f"{path}: {exc.code().name}: {exc.details()}")
+        return False
+    if as_json:
+        print(json.dumps({"path": str(path), **_record(answer)}))
+    else:
+        _print_verdict(path, answer)
+    return True
+
+
+def _print_verdict(path: Path, answer: Any) -> None:
+    name = f" {answer.predicted_name!r}" if answer.predicted_name else ""
+    verdict = f"FLAGGED ({answer.reason})" if answer.flagged else "ok"
+    out_console.print(
+        f"{path}: class {answer.predicted_class}{name}, confidence "
+        f"{number(answer.confidence)}, MPS {number(100 * answer.mps_area_fraction, 1)}% "
+        f"of the pixels, score {number(answer.score)}, p-value {p_value(answer.p_value)}: "
+        f"{verdict}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _record(answer: Any) -> dict[str, Any]:

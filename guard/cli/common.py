@@ -1,15 +1,17 @@
-"""What every ``guard`` command shares: options, settings assembly, error reporting."""
+"""What every ``guard`` command shares: the runtime built from its options, output, exit codes
+and error reporting."""
 
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from pydantic import ValidationError
@@ -18,11 +20,14 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from guard import demo
-from guard.engine import MpsEngine
+from guard.cli.options import RuntimeOptions
 from guard.errors import ConfigError, GuardError
-from guard.preprocess import Preprocessing
-from guard.runtime import MaskedClassifier
 from guard.settings import EngineSettings, ModelOptions
+
+if TYPE_CHECKING:
+    from guard.engine import MpsEngine
+    from guard.preprocess import Preprocessing
+    from guard.runtime import MaskedClassifier
 
 # Piped output gets a fixed width wide enough for tables instead of rich's 80 columns.
 out_console = Console(width=None if sys.stdout.isatty() else 150)
@@ -33,66 +38,6 @@ EXIT_FATAL = 2  # nothing could be done (model, settings, data)
 EXIT_INTERNAL = 3  # a fault of the guard itself
 EXIT_INTERRUPTED = 130
 
-# Options shared by the commands that run the engine.
-ModelOpt = Annotated[
-    Path | None, typer.Option(help="ONNX classifier (default: the bundled demo model)")
-]
-PreprocessingOpt = Annotated[Path | None, typer.Option(help="JSON preprocessing settings")]
-ScaleOpt = Annotated[float | None, typer.Option(help="multiplies 8-bit pixels (default 1/255)")]
-MeanOpt = Annotated[
-    str | None, typer.Option(help="per-channel mean after scaling, e.g. 0.485,0.456,0.406")
-]
-StdOpt = Annotated[str | None, typer.Option(help="per-channel std after scaling")]
-ColorModeOpt = Annotated[str | None, typer.Option(help="decode images as L, RGB or RGBA")]
-ResizeOpt = Annotated[str | None, typer.Option(help="nearest, bilinear or bicubic")]
-LayoutOpt = Annotated[str, typer.Option(help="auto, NCHW or NHWC")]
-HeightOpt = Annotated[
-    int | None, typer.Option(help="input height where the model leaves it dynamic")
-]
-WidthOpt = Annotated[int | None, typer.Option(help="input width where the model leaves it dynamic")]
-OutputOpt = Annotated[str | None, typer.Option(help="model output to read (default: the first)")]
-OutputKindOpt = Annotated[str, typer.Option(help="auto, logits or probabilities")]
-ProviderOpt = Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda")]
-EngineSettingsOpt = Annotated[Path | None, typer.Option(help="JSON engine settings")]
-ItersOpt = Annotated[int | None, typer.Option(help="responsibility runs (default 20)")]
-SeedOpt = Annotated[int | None, typer.Option(help="seed shared by every image (default 0)")]
-TreeDepthOpt = Annotated[int | None, typer.Option(help="default 10")]
-MinBoxSizeOpt = Annotated[int | None, typer.Option(help="default 10 pixels")]
-ChunkSizeOpt = Annotated[int | None, typer.Option(help="default 10 pixels")]
-BaselineOpt = Annotated[str | None, typer.Option(help="0, per-channel 'a,b,c', or blur[:SIGMA]")]
-CombinationOpt = Annotated[str | None, typer.Option(help="multiplicative or additive")]
-MaxBatchOpt = Annotated[int | None, typer.Option(help="most mutants per model call (512)")]
-ClassesOpt = Annotated[Path | None, typer.Option(help="class names: JSON list or one per line")]
-
-
-@dataclass
-class RuntimeArgs:
-    """The shared options as given on the command line (None: not given)."""
-
-    model: Path | None = None
-    preprocessing: Path | None = None
-    scale: float | None = None
-    mean: str | None = None
-    std: str | None = None
-    color_mode: str | None = None
-    resize: str | None = None
-    layout: str = "auto"
-    height: int | None = None
-    width: int | None = None
-    output: str | None = None
-    output_kind: str = "auto"
-    provider: str = "auto"
-    engine_settings: Path | None = None
-    iters: int | None = None
-    seed: int | None = None
-    tree_depth: int | None = None
-    min_box_size: int | None = None
-    chunk_size: int | None = None
-    baseline: str | None = None
-    combination: str | None = None
-    max_batch_size: int | None = None
-    classes: Path | None = None
-
 
 @dataclass
 class Runtime:
@@ -102,13 +47,23 @@ class Runtime:
     class_names: list[str] | None
 
 
-def floats(text: str | None) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(float(part) for part in text.split(","))
-    except ValueError as exc:
-        raise ConfigError(f"{text!r} is not a comma-separated list of numbers") from exc
+# The model runtime (onnx, onnxruntime) is imported when a command first runs a model, not for
+# ``guard --help``: build_runtime looks these names up on this module, which imports them then.
+_RUNTIME = {"MaskedClassifier": "guard.runtime", "MpsEngine": "guard.engine",
+            "Preprocessing": "guard.preprocess"}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _RUNTIME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_RUNTIME[name]), name)
+    globals()[name] = value
+    return value
+
+
+def _runtime(name: str) -> Any:
+    """A name of ``_RUNTIME`` as this module holds it (imported on first use; tests replace it)."""
+    return getattr(sys.modules[__name__], name)
 
 
 def load_json(path: Path, what: str) -> Any:
@@ -118,57 +73,74 @@ def load_json(path: Path, what: str) -> Any:
         raise ConfigError(f"{what} file {path}: {exc}") from exc
 
 
-def _given(values: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in values.items() if value is not None}
-
-
-def build_runtime(args: RuntimeArgs) -> Runtime:
+def build_runtime(options: RuntimeOptions) -> Runtime:
     """Model, engine and preprocessing from the options; the demo's when no model is given."""
     from guard.datasets import read_class_names  # small module; kept local to the one use
 
-    if args.model is None:
-        args.model = demo.DEMO_MODEL
-        args.preprocessing = args.preprocessing or demo.DEMO_PREPROCESSING
-        args.classes = args.classes or demo.DEMO_CLASSES
-    base = Preprocessing.from_file(args.preprocessing).model_dump() if args.preprocessing else {}
-    overrides = {"scale": args.scale, "mean": floats(args.mean), "std": floats(args.std),
-                 "color_mode": args.color_mode, "resize": args.resize}  # fmt: skip
-    engine_base = load_json(args.engine_settings, "engine settings") if args.engine_settings else {}
-    if not isinstance(engine_base, dict):
-        raise ConfigError(f"engine settings file {args.engine_settings} must hold a JSON object")
-    engine_overrides = {
-        "iters": args.iters, "seed": args.seed, "tree_depth": args.tree_depth,
-        "min_box_size": args.min_box_size, "chunk_size": args.chunk_size, "baseline": args.baseline,
-        "combination": args.combination, "max_batch_size": args.max_batch_size,
-    }  # fmt: skip
+    options = _demo_unless_model(options)
+    preprocessing = _preprocessing(options)
+    settings = _engine_settings(options)
+    model_options = _model_options(options)
+    class_names = read_class_names(options.classes) if options.classes else None
+    classifier = _runtime("MaskedClassifier")(options.model, model_options)
+    engine = _runtime("MpsEngine")(classifier, settings)
+    _check_fit(classifier, preprocessing, class_names)
+    return Runtime(classifier, engine, preprocessing, class_names)
+
+
+def _demo_unless_model(options: RuntimeOptions) -> RuntimeOptions:
+    if options.model is not None:
+        return options
+    return replace(
+        options,
+        model=demo.DEMO_MODEL,
+        preprocessing=options.preprocessing or demo.DEMO_PREPROCESSING,
+        classes=options.classes or demo.DEMO_CLASSES,
+    )
+
+
+def _preprocessing(options: RuntimeOptions) -> Preprocessing:
+    preprocessing_type = _runtime("Preprocessing")
+    path = options.preprocessing
+    base = preprocessing_type.from_file(path).model_dump() if path else {}
     try:
-        preprocessing = Preprocessing.model_validate({**base, **_given(overrides)})
+        return preprocessing_type.model_validate({**base, **options.preprocessing_overrides()})
     except ValidationError as exc:
         raise ConfigError(f"invalid preprocessing settings: {exc}") from exc
+
+
+def _engine_settings(options: RuntimeOptions) -> EngineSettings:
+    path = options.engine_settings
+    base = load_json(path, "engine settings") if path else {}
+    if not isinstance(base, dict):
+        raise ConfigError(f"engine settings file {path} must hold a JSON object")
     try:
-        settings = EngineSettings.model_validate({**engine_base, **_given(engine_overrides)})
+        return EngineSettings.model_validate({**base, **options.engine_overrides()})
     except ValidationError as exc:
         raise ConfigError(f"invalid engine settings: {exc}") from exc
+
+
+def _model_options(options: RuntimeOptions) -> ModelOptions:
     try:
-        options = ModelOptions(
-            layout=args.layout, height=args.height, width=args.width, output=args.output,
-            output_kind=args.output_kind, provider=args.provider,
-        )  # fmt: skip
+        return ModelOptions(**options.model_options())
     except ValidationError as exc:
         raise ConfigError(f"invalid model options: {exc}") from exc
-    class_names = read_class_names(args.classes) if args.classes else None
-    classifier = MaskedClassifier(args.model, options)
-    engine = MpsEngine(classifier, settings)
+
+
+def _check_fit(
+    classifier: MaskedClassifier, preprocessing: Preprocessing, class_names: list[str] | None
+) -> None:
+    """Per-channel values and class names must match the model."""
+    spec = classifier.spec
     for name, values in (("mean", preprocessing.mean), ("std", preprocessing.std)):
-        if values is not None and len(values) not in (1, classifier.spec.channels):
+        if values is not None and len(values) not in (1, spec.channels):
             raise ConfigError(
-                f"{len(values)} {name} values given for a {classifier.spec.channels}-channel model"
+                f"{len(values)} {name} values given for a {spec.channels}-channel model"
             )
-    if class_names is not None and classifier.spec.num_classes not in (0, len(class_names)):
+    if class_names is not None and spec.num_classes not in (0, len(class_names)):
         raise ConfigError(
-            f"{len(class_names)} class names given, the model has {classifier.spec.num_classes} outputs"
+            f"{len(class_names)} class names given, the model has {spec.num_classes} outputs"
         )
-    return Runtime(classifier, engine, preprocessing, class_names)
 
 
 def progress_bar(verb: str) -> Progress:

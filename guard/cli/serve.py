@@ -5,75 +5,33 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import typer
 from pydantic import ValidationError
 
 from guard import demo
+from guard.cli.options import settings_options
 from guard.errors import ConfigError
 from guard.service.settings import ServeSettings
 
-Opt = typer.Option
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
-def serve(
-    model: Annotated[Path | None, Opt(help="ONNX classifier (default: the bundled demo)")] = None,
-    calibration: Annotated[
-        Path | None, Opt(help="calibration JSON from guard calibrate (needed with --model)")
-    ] = None,
-    model_name: Annotated[str | None, Opt(help="name clients use (default: file stem)")] = None,
-    host: Annotated[str | None, Opt(help="bind address [0.0.0.0]")] = None,
-    port: Annotated[int | None, Opt(help="gRPC port; 0 picks a free one [50051]")] = None,
-    metrics_port: Annotated[int | None, Opt(help="Prometheus /metrics port [9464]")] = None,
-    mode: Annotated[str | None, Opt(help="sync (verdict in the response) or async [sync]")] = None,
-    sample_rate: Annotated[float | None, Opt(help="share of items checked, 0-1 [1]")] = None,
-    queue_size: Annotated[int | None, Opt(help="background queue of async mode [256]")] = None,
-    share_model_calls: Annotated[
-        bool | None, Opt(help="concurrent requests share model calls [on CUDA only]")
-    ] = None,
-    batch_wait_ms: Annotated[float | None, Opt(help="longest wait to share a batch [2]")] = None,
-    max_batch_items: Annotated[int | None, Opt(help="most items explained together [32]")] = None,
-    explain_workers: Annotated[
-        int | None, Opt(help="MPSs computed at once (shared batches or own requests) [2]")
-    ] = None,
-    max_concurrency: Annotated[
-        int | None, Opt(help="requests at once; more get RESOURCE_EXHAUSTED [64]")
-    ] = None,
-    max_request_items: Annotated[int | None, Opt(help="most items per request [64]")] = None,
-    max_message_bytes: Annotated[int | None, Opt(help="largest message [16 MiB]")] = None,
-    grace_seconds: Annotated[float | None, Opt(help="drain time on SIGTERM [30]")] = None,
-    drift_window: Annotated[int | None, Opt(help="recent areas compared for drift [500]")] = None,
-    engine_settings: Annotated[
-        Path | None, Opt(help="JSON engine settings instead of the calibration's")
-    ] = None,
-    allow_engine_mismatch: Annotated[
-        bool | None, Opt(help="accept engine settings that differ from the calibration's")
-    ] = None,
-    allow_model_mismatch: Annotated[
-        bool | None, Opt(help="accept a model whose sha256 differs from the calibration's")
-    ] = None,
-    provider: Annotated[str | None, Opt(help="auto, cpu or cuda [auto]")] = None,
-    tls_cert: Annotated[Path | None, Opt(help="PEM certificate chain: serve TLS")] = None,
-    tls_key: Annotated[Path | None, Opt(help="PEM private key of --tls-cert")] = None,
-    tls_client_ca: Annotated[
-        Path | None, Opt(help="PEM CA bundle: require client certificates (mutual TLS)")
-    ] = None,
-    log_level: Annotated[str | None, Opt(help="debug, info, warning or error [info]")] = None,
-    log_verdicts: Annotated[bool | None, Opt(help="a JSON log line per verdict [yes]")] = None,
-) -> None:
+@settings_options(ServeSettings)
+def serve(given: dict[str, Any]) -> None:
     """Serve a guarded classifier over gRPC (Open Inference Protocol and guard.v1), with
     Prometheus metrics. Every option can also be set as GUARD_<OPTION> in the environment."""
-    given = {k: v for k, v in locals().items() if v is not None}
+    _serve(_settings(given))
+
+
+def _serve(settings: ServeSettings) -> None:
+    """Start the sidecar, wait for a stop signal, drain."""
     # The stop signals are blocked in this thread and every thread started from here on, and
     # taken by sigwait below: one arriving during start-up waits for it, none interrupts a
     # thread holding a lock.
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     from guard.transport.grpc.server import Sidecar  # grpc is imported only to serve
 
-    settings = _settings(given)
     _configure_logging(settings.log_level)
     sidecar = Sidecar(settings)
     sidecar.start()
@@ -96,6 +54,8 @@ def serve(
 
 
 def _settings(given: dict[str, Any]) -> ServeSettings:
+    """The settings from the options given, then the environment (GUARD_*), then the defaults;
+    the bundled demo when none names a model."""
     try:
         settings = ServeSettings(**given)
     except ValidationError as exc:
