@@ -219,3 +219,32 @@ def test_a_version_1_calibration_loads_and_scores_as_it_did(tmp_path: Path) -> N
     save_artifact(artifact, tmp_path / "v2.json")
     assert json.loads((tmp_path / "v2.json").read_text())["schema_version"] == 2
     assert load_artifact(tmp_path / "v2.json") == artifact
+
+
+def test_the_martingale_stays_low_on_exchangeable_traffic_and_rises_on_a_shift() -> None:
+    from guard.verdict.martingale import ExchangeabilityMartingale, smoothed_p_values
+
+    rng = np.random.default_rng(7)
+    reference = rng.normal(size=400)
+    # Smoothed p-values are uniform under exchangeability (over draws of the reference and
+    # the new item), ties included.
+    p = np.array([
+        smoothed_p_values(np.sort(np.round(rng.normal(size=19), 0)), np.round(rng.normal(), 0), rng)[0]
+        for _ in range(8000)
+    ])  # fmt: skip
+    assert abs(p.mean() - 0.5) < 0.01 and abs(np.mean(p <= 0.05) - 0.05) < 0.008
+    # Under the null, P(sup M >= 1/delta) <= delta (Ville), over draws of the calibration
+    # reference and of the traffic: count runs that ever cross 20.
+    crossed = 0
+    for run in range(200):
+        m = ExchangeabilityMartingale(rng.normal(size=400), seed=run)
+        crossed += any(m.update(rng.normal(size=10)) >= 20 for _ in range(50))
+    assert crossed / 200 <= 0.05 + 0.03
+    # A 30% share of more suspicious traffic is found within a few hundred predictions.
+    m = ExchangeabilityMartingale(reference, seed=0)
+    seen = 0
+    while m.value < 20 and seen < 2000:
+        shifted = np.where(rng.random(10) < 0.3, rng.normal(2.5, 0.5, 10), rng.normal(size=10))
+        m.update(shifted)
+        seen += 10
+    assert seen < 600

@@ -225,6 +225,7 @@ def _detector(
     scores: NDArray[np.float64],
     table: Table,
     reference_correct: Indices,
+    reference_all: Indices,
     *,
     alpha: float,
     flag_small_tail: bool,
@@ -240,6 +241,7 @@ def _detector(
         delta=delta,
     )
     class_references = {}
+    exchangeability = np.sort(scores[reference_all]).tolist()
     if per_class:
         per_tail = score_reference.alpha
         classes = table["predicted_class"].astype(np.int64)
@@ -257,6 +259,7 @@ def _detector(
         score_reference=score_reference,
         class_references=class_references,
         small_tail_reference=small_reference,
+        exchangeability_reference=exchangeability,
     )
 
 
@@ -353,6 +356,7 @@ def fit_calibration(
             scores[selected],
             table,
             reference_correct,
+            reference_idx,
             alpha=alpha,
             flag_small_tail=flag_small_tail,
             per_class=per_class_,

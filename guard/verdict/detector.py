@@ -78,6 +78,9 @@ class Detector(Strict):
     score_reference: ConformalReference  # held-out correct predictions' scores, all classes
     class_references: dict[int, ConformalReference] = Field(default_factory=dict)
     small_tail_reference: ConformalReference | None  # their -area, when flag_small_tail
+    # Scores of every held-out reference item, errors included and sorted: the traffic as
+    # calibrated, which the exchangeability martingale compares served scores with.
+    exchangeability_reference: list[float] | None = None
 
     @model_validator(mode="after")
     def _tails(self) -> Self:
