@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,12 +138,12 @@ class GuardedModel:
     @classmethod
     def from_files(
         cls,
-        model: str | Path,
-        calibration: str | Path,
+        model: str | os.PathLike[str],
+        calibration: str | os.PathLike[str],
         *,
         name: str | None = None,
         provider: str = "auto",
-        engine_settings: EngineSettings | str | Path | None = None,
+        engine_settings: EngineSettings | str | os.PathLike[str] | None = None,
         allow_model_mismatch: bool = False,
         allow_engine_mismatch: bool = False,
         spin_threads: bool = True,
@@ -224,7 +225,7 @@ class GuardedModel:
         """An encoded image (PNG, JPEG, ...) as a model input, preprocessed as calibrated."""
         return input_from_bytes(data, self.classifier.spec, self.preprocessing)
 
-    def load(self, path: str | Path) -> np.ndarray:
+    def load(self, path: str | os.PathLike[str]) -> np.ndarray:
         """An image file (preprocessed as calibrated) or an .npy tensor as a model input."""
         return load_input(Path(path), self.classifier.spec, self.preprocessing)
 
@@ -305,7 +306,7 @@ def load_guarded_model(
 def _engine_settings(
     calibration: CalibrationArtifact,
     calibration_path: Path,
-    given: EngineSettings | str | Path | None,
+    given: EngineSettings | str | os.PathLike[str] | None,
     *,
     allow_mismatch: bool,
 ) -> EngineSettings:
