@@ -4,6 +4,12 @@ Per batch of images: one model call for the originals and their all-baseline ver
 per tree level for the mutants of every active run of every image (phase 1), and a few calls
 that each test a block of consecutive ranking prefixes (phase 2). Calls are split only where a
 level holds more than ``max_batch_size`` mutants.
+
+As rex-xai 0.4.1 does, extraction starts at the first chunk of the ranking even when the
+all-baseline input already gets the predicted class (the empty set is never tested); the result
+reports whether it does (``baseline_keeps_class``). ``EngineSettings.empty_mps`` tests the empty
+set first instead, and ``random_stream="rex"`` draws rex-xai's own random streams, with which
+the engine's MPSs are rex-xai's (see ``guard.algorithm.landscape``).
 """
 
 from __future__ import annotations
@@ -49,7 +55,12 @@ class MpsResult:
     mps_area_fraction: float  # the paper's "area": MPS pixels / (H * W)
     responsibility: np.ndarray  # float [H, W], maximum 1
     baseline_class: int  # top-1 class of the all-baseline input
-    degenerate: bool  # empty MPS (the baseline alone keeps the class) or a single chunk
+    # The all-baseline input passes: it gets the predicted class (at the confidence filter).
+    # The MPS is then empty with ``empty_mps``, else (rex-xai) the first passing prefix anyway.
+    baseline_keeps_class: bool
+    # Says little about the image: the MPS is a single chunk (or empty), or the baseline alone
+    # keeps the class (so any MPS is sufficient only as much as nothing at all is).
+    degenerate: bool
     model_evaluations: int
     model_calls: int
     seconds: float  # wall time of the explain call that produced this result
@@ -107,6 +118,13 @@ class MpsEngine:
                 f"baseline has {len(baseline.channels or ())} channel values, "
                 f"the model input has {channels} channels"
             )
+        if self.settings.random_stream == "rex" and not (
+            0 <= self.settings.seed and self.settings.seed + self.settings.iters < 2**32
+        ):
+            raise ConfigError(
+                "random_stream rex seeds run i with seed + i + 1 as numpy's legacy generator "
+                f"does, which needs 0 <= seed and seed + iters < 2**32; seed is {self.settings.seed}"
+            )
 
     def explain(self, image: np.ndarray, deadline: float | None = None) -> MpsResult:
         """The MPS of one input (model layout, without the batch axis)."""
@@ -136,6 +154,7 @@ class MpsEngine:
         threshold = target_confidence * s.confidence_filter
         baseline_class = classes[count:]
         baseline_passes = (baseline_class == target) & (confidences[count:] >= threshold)
+        empty = baseline_passes & s.empty_mps  # the strict reading: the empty set is the MPS
 
         def passing(classes: np.ndarray, confidences: np.ndarray, index: np.ndarray) -> np.ndarray:
             return (classes == target[index]) & (confidences >= threshold[index])
@@ -144,12 +163,12 @@ class MpsEngine:
         searches = [
             PrefixSearch(rank_pixels(r), *shape, chunk_size=s.chunk_size) for r in responsibility
         ]
-        self._extract(images, baselines, books, passing, searches, baseline_passes)
+        self._extract(images, baselines, books, passing, searches, empty)
 
         seconds = time.perf_counter() - started
         results = []
         for m, search in enumerate(searches):
-            mask = np.zeros(shape, bool) if baseline_passes[m] else search.mps_mask()
+            mask = np.zeros(shape, bool) if empty[m] else search.mps_mask()
             results.append(
                 MpsResult(
                     predicted_class=int(target[m]),
@@ -158,6 +177,7 @@ class MpsEngine:
                     mps_area_fraction=float(mask.sum()) / mask.size,
                     responsibility=responsibility[m],
                     baseline_class=int(baseline_class[m]),
+                    baseline_keeps_class=bool(baseline_passes[m]),
                     degenerate=bool(baseline_passes[m] or search.mps_chunks == 1),
                     model_evaluations=int(books.evaluations[m]),
                     model_calls=int(books.calls[m]),
@@ -181,6 +201,7 @@ class MpsEngine:
             tree_depth=s.tree_depth,
             search_limit=s.search_limit,
             form=s.responsibility_form,
+            stream=s.random_stream,
         )
         while True:
             masks, runs = landscapes.propose()
@@ -202,7 +223,11 @@ class MpsEngine:
         searches: list[PrefixSearch],
         skip: np.ndarray,
     ) -> None:
-        """Phase 2: blocks of consecutive prefixes per call, doubling while none passes."""
+        """Phase 2: blocks of consecutive prefixes per call, doubling while none passes.
+
+        Every search starts at the first chunk, as rex-xai's; ``skip`` marks the images whose
+        MPS is already known to be empty (``empty_mps``).
+        """
         block = self.settings.extraction_batch
         active = [m for m in range(len(searches)) if not skip[m]]
         while active:

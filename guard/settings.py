@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from guard.algorithm.baselines import Baseline, BaselineSetting
-from guard.algorithm.landscape import Combination, ResponsibilityForm
+from guard.algorithm.landscape import Combination, RandomStream, ResponsibilityForm
 
 
 class EngineSettings(BaseModel):
@@ -38,12 +38,14 @@ class EngineSettings(BaseModel):
     empty_mps: bool = Field(
         default=False,
         description="test the empty set first: the MPS is empty when the all-baseline input "
-        "keeps the class (Definition 1 read strictly; rex-xai never tests it)",
+        "keeps the class (Definition 1 read strictly; rex-xai never tests it and starts at "
+        "the first chunk, the default)",
     )
-    random_stream: Literal["counter", "rex"] = Field(
+    random_stream: RandomStream = Field(
         default="counter",
         description="counter: a stream per (seed, run); rex: rex-xai 0.4.1's per-run "
-        "RandomState(seed + run + 1), so the same seed gives rex-xai's MPS",
+        "RandomState(seed + run + 1), so the same seed gives rex-xai's MPS (and, as in "
+        "rex-xai, seeds s and s + 1 share 19 of 20 runs)",
     )
     confidence_filter: float = Field(
         default=0.0,

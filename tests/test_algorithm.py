@@ -12,6 +12,7 @@ from guard.algorithm.extraction import PrefixSearch, rank_pixels
 from guard.algorithm.landscape import (
     UNITS,
     Landscapes,
+    RexStreams,
     child_weights,
     combine_runs,
     mutant_masks,
@@ -22,6 +23,8 @@ from guard.algorithm.landscape import (
 )
 
 Oracle = Callable[[np.ndarray], bool]
+Box = tuple[int, int, int, int]
+Cut = Callable[[Box, int, int], list[Box]]  # (box, depth, slot) -> its 4 children
 
 
 def test_combinations_are_the_14_non_empty_proper_subsets_in_rex_order() -> None:
@@ -230,7 +233,27 @@ def test_whole_image_is_the_mps_when_no_prefix_passes() -> None:
     assert search.mps_chunks == 3 and search.mps_mask().all()
 
 
-def _sequential_rex_run(height: int, width: int, draws: np.ndarray, passes: Oracle, *,
+def _counter_cut(draws: np.ndarray) -> Cut:
+    return lambda box, depth, slot: [
+        tuple(c) for c in split_rects(np.array(box), draws[depth, slot])
+    ]
+
+
+def _rex_cut(seed: int, run: int) -> Cut:
+    """rex-xai 0.4.1's ``Box.__2d_parts`` with its global generator seeded for run ``run``."""
+    state = np.random.RandomState(seed + run + 1)  # rex: np.random.seed(args.seed + process)
+
+    def cut(box: Box, depth: int, slot: int) -> list[Box]:
+        r0, r1, c0, c1 = box
+        pos = state.randint(1, (r1 - r0) * (c1 - c0))  # random_coords(Uniform, h * w, 1, ...)
+        row, col = (int(v) for v in np.unravel_index(pos, (r1 - r0, c1 - c0)))
+        row, col = row + r0, col + c0
+        return [(r0, row, c0, col), (r0, row, col, c1), (row, r1, c0, col), (row, r1, col, c1)]
+
+    return cut
+
+
+def _sequential_rex_run(height: int, width: int, cut: Cut, passes: Oracle, *,
                         min_box_size: int = 10, tree_depth: int = 10) -> np.ndarray:  # fmt: skip
     """One ReX run written as rex-xai 0.4.1 does it: box by box, one mutant at a time."""
     responsibility = np.zeros((height, width))
@@ -241,7 +264,7 @@ def _sequential_rex_run(height: int, width: int, draws: np.ndarray, passes: Orac
             area = (box[1] - box[0]) * (box[3] - box[2])
             if area < max(min_box_size, 2) or depth > tree_depth:
                 break  # rex: "no children, breaking"
-            children = [tuple(c) for c in split_rects(np.array(box), draws[depth, slot])]
+            children = cut(box, depth, slot)
             static = [other for i, other in enumerate(job) if i != slot]
             verdicts = []
             for keep in COMBINATIONS:
@@ -268,8 +291,7 @@ def _sequential_rex_run(height: int, width: int, draws: np.ndarray, passes: Orac
             return responsibility
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_vectorised_runs_equal_a_sequential_rex_run(seed: int) -> None:
+def _oracle(seed: int) -> Oracle:
     rng = np.random.default_rng(seed)
     weights = rng.normal(0.3, 1.0, size=(24, 20))  # mixed signs: keeping pixels can hurt
     threshold = 0.15 * weights.sum()
@@ -279,11 +301,59 @@ def test_vectorised_runs_equal_a_sequential_rex_run(seed: int) -> None:
             mask[(seed * 7) % 24, (seed * 5) % 20]
         )
 
-    runs = np.arange(5)
-    landscapes = Landscapes(24, 20, run_ids=runs, seed=seed, min_box_size=6, tree_depth=6)
+    return passes
+
+
+@pytest.mark.parametrize("stream", ["counter", "rex"])
+@pytest.mark.parametrize("seed", range(6))
+def test_vectorised_runs_equal_a_sequential_rex_run(seed: int, stream: str) -> None:
+    passes = _oracle(seed)
+    runs = np.array([0, 1, 2, 3, 4, 1])  # run 1 twice: e.g. two images in one batch
+    landscapes = Landscapes(
+        24, 20, run_ids=runs, seed=seed, min_box_size=6, tree_depth=6, stream=stream
+    )
     _drive(landscapes, passes)
     draws = split_draws(run_keys(seed, runs), 7)
-    for run in runs:
-        expected = _sequential_rex_run(24, 20, draws[run], passes, min_box_size=6, tree_depth=6)
-        assert np.allclose(landscapes.responsibility[run], expected)
+    for row, run in enumerate(runs):
+        cut = _counter_cut(draws[row]) if stream == "counter" else _rex_cut(seed, run)
+        expected = _sequential_rex_run(24, 20, cut, passes, min_box_size=6, tree_depth=6)
+        assert np.allclose(landscapes.responsibility[row], expected)
     assert landscapes.responsibility.any()
+
+
+def test_rex_stream_runs_small_boxes_as_rex_does() -> None:
+    """Boxes down to 2 pixels: ``randint(1, 2)`` returns 1 without consuming the stream."""
+    passes = _oracle(3)
+    landscapes = Landscapes(24, 20, np.arange(4), seed=9, min_box_size=1, stream="rex")
+    _drive(landscapes, passes)
+    for run in range(4):
+        expected = _sequential_rex_run(24, 20, _rex_cut(9, run), passes, min_box_size=1)
+        assert np.allclose(landscapes.responsibility[run], expected)
+
+
+def test_rex_stream_draws_what_numpys_legacy_randint_draws() -> None:
+    rng = np.random.default_rng(0)
+    ids = np.array([0, 3, 0, 7, 19])
+    streams = RexStreams(5, ids)
+    reference = [np.random.RandomState(5 + i + 1) for i in ids]
+    for _ in range(60):  # more words than the streams first hold
+        areas = rng.integers(2, 70_000, size=(len(ids), 3))
+        areas[rng.random(areas.shape) < 0.2] = 2
+        processed = np.logical_and.accumulate(rng.random(areas.shape) < 0.8, axis=1)
+        positions = streams.positions(areas, processed)
+        for row, slot in zip(*np.nonzero(processed), strict=True):
+            assert positions[row, slot] == reference[row].randint(1, int(areas[row, slot]))
+        assert (positions[~processed] == 1).all()
+
+
+def test_neighbouring_seeds_share_all_runs_but_one_under_the_rex_stream() -> None:
+    passes = _oracle(1)
+    seed_0 = Landscapes(24, 20, np.arange(1, 5), seed=0, min_box_size=6, stream="rex")
+    seed_1 = Landscapes(24, 20, np.arange(0, 4), seed=1, min_box_size=6, stream="rex")
+    counter = Landscapes(24, 20, np.arange(0, 4), seed=1, min_box_size=6)
+    for landscapes in (seed_0, seed_1, counter):
+        _drive(landscapes, passes)
+    assert np.array_equal(seed_0.responsibility, seed_1.responsibility)  # run i + 1 of seed 0
+    assert not np.array_equal(seed_1.responsibility, counter.responsibility)
+    with pytest.raises(ValueError, match="2\\*\\*32"):
+        RexStreams(-2, np.arange(3))

@@ -31,7 +31,10 @@ def _check_mps(
     assert plain.top1(masked(image, baseline, mps, "NCHW")[None])[0] == original, (
         "MPS not sufficient"
     )
-    if mps.any():
+    keeps = plain.top1(baseline[None])[0] == original
+    assert result.baseline_keeps_class == keeps
+    assert mps.any(), "by default (rex-xai's) extraction starts at the first chunk"
+    if mps.sum() > chunk:  # the empty prefix is never tested
         shorter = shorter_prefix(result.responsibility, mps, chunk)
         assert shorter.sum() == mps.sum() - chunk and (shorter <= mps).all()
         assert plain.top1(masked(image, baseline, shorter, "NCHW")[None])[0] != original, (
@@ -81,23 +84,70 @@ def test_max_batch_size_splits_calls_without_changing_the_result(demo_classifier
     assert small.model_calls >= small.model_evaluations / 16
 
 
-def test_empty_mps_when_the_baseline_alone_keeps_the_class(demo_classifier, heldout, plain) -> None:  # noqa: ANN001
-    x, _ = heldout
-    zeros = np.zeros_like(x[:1])
-    baseline_class = plain.top1(zeros)[0]
-    predictions = plain.top1(x[:200])
-    same = np.flatnonzero(predictions == baseline_class)
+def _baseline_class_items(x: np.ndarray, plain: PlainModel) -> np.ndarray:
+    baseline_class = plain.top1(np.zeros_like(x[:1]))[0]
+    same = np.flatnonzero(plain.top1(x[:200]) == baseline_class)
     assert same.size, "the demo model should predict its all-baseline class for some digits"
-    result = MpsEngine(demo_classifier, FAST).explain(x[same[0]])
-    assert result.baseline_class == result.predicted_class == baseline_class
-    assert not result.mps_mask.any() and result.mps_area_fraction == 0.0 and result.degenerate
+    return same
+
+
+def test_when_the_baseline_alone_keeps_the_class_the_mps_still_starts_at_the_first_chunk(
+    demo_classifier, heldout, plain
+) -> None:  # noqa: ANN001
+    x, _ = heldout
+    same = _baseline_class_items(x, plain)[:3]
+    strict = MpsEngine(demo_classifier, FAST.model_copy(update={"empty_mps": True}))
+    rex_like = MpsEngine(demo_classifier, FAST).explain_batch(x[same])
+    for image, result, empty in zip(x[same], rex_like, strict.explain_batch(x[same]), strict=True):
+        assert result.baseline_keeps_class and empty.baseline_keeps_class and result.degenerate
+        assert result.baseline_class == result.predicted_class == empty.predicted_class
+        _check_mps(plain, image, np.zeros_like(image), result, FAST.chunk_size)
+        # empty_mps: the strict reading of Definition 1, the empty set is tested first
+        assert not empty.mps_mask.any() and empty.mps_area_fraction == 0.0 and empty.degenerate
+        assert np.array_equal(empty.responsibility, result.responsibility)
+        assert empty.model_evaluations < result.model_evaluations
+
+
+def test_empty_mps_changes_nothing_where_the_baseline_gets_another_class(
+    demo_classifier, heldout
+) -> None:  # noqa: ANN001
+    images = heldout[0][:12]
+    default = MpsEngine(demo_classifier, FAST).explain_batch(images)
+    strict = MpsEngine(demo_classifier, FAST.model_copy(update={"empty_mps": True}))
+    for a, b in zip(default, strict.explain_batch(images), strict=True):
+        if not a.baseline_keeps_class:
+            assert np.array_equal(a.mps_mask, b.mps_mask)
+            assert a.model_evaluations == b.model_evaluations
 
 
 def test_single_chunk_mps_is_degenerate_and_larger_ones_are_not(demo_classifier, heldout) -> None:  # noqa: ANN001
     results = MpsEngine(demo_classifier, FAST).explain_batch(heldout[0][:40])
     for r in results:
-        assert r.degenerate == (r.mps_pixels <= FAST.chunk_size)
+        assert r.degenerate == (r.mps_pixels <= FAST.chunk_size or r.baseline_keeps_class)
+        assert r.mps_pixels >= FAST.chunk_size
     assert any(not r.degenerate for r in results)
+
+
+def test_the_rex_stream_is_deterministic_and_another_landscape(demo_classifier, heldout) -> None:  # noqa: ANN001
+    images = heldout[0][:3]
+    rex = FAST.model_copy(update={"random_stream": "rex"})
+    first = MpsEngine(demo_classifier, rex).explain_batch(images)
+    alone = MpsEngine(demo_classifier, rex).explain(images[1])
+    counter = MpsEngine(demo_classifier, FAST).explain_batch(images)
+    assert np.array_equal(first[1].responsibility, alone.responsibility)
+    assert np.array_equal(first[1].mps_mask, alone.mps_mask)
+    assert not all(
+        np.array_equal(a.responsibility, b.responsibility)
+        for a, b in zip(first, counter, strict=True)
+    )
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32 - 5])
+def test_the_rex_stream_refuses_seeds_numpy_cannot_take(demo_classifier, seed: int) -> None:  # noqa: ANN001
+    from guard.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="random_stream rex"):
+        MpsEngine(demo_classifier, FAST.model_copy(update={"random_stream": "rex", "seed": seed}))
 
 
 @pytest.mark.parametrize("baseline", ["0.3", "blur:3"])

@@ -14,13 +14,25 @@ full; passing mutants give each kept child 1/k (k kept children); the next job i
 children of the smallest passing mutant of the *last* processed box, and the run ends when that
 box has no passing mutant or the children are deeper than ``tree_depth``.
 
-Randomness: the split pixel of job box ``slot`` at tree ``level`` of run ``i`` is a
-counter-based hash of (seed, i, level, slot), so each run has its own stream determined by
-(seed, i), the same for every image, and all runs draw at once.
+Randomness, two streams, each the same for every image (so calibration and serving agree):
+
+- ``counter`` (default): the split pixel of job box ``slot`` at tree ``level`` of run ``i`` is a
+  counter-based hash of (seed, i, level, slot), so each run has its own stream determined by
+  (seed, i) and all runs draw at once.
+- ``rex``: rex-xai 0.4.1's own streams, so that the same seed gives rex-xai's landscape and MPS.
+  rex-xai seeds numpy's global legacy generator with ``seed + i + 1`` before run ``i``
+  (``np.random.seed(args.seed + process)``, process = 1..iters) and draws
+  ``np.random.randint(1, h * w)`` for each box it splits, in job order, unravelled over the
+  box's (h, w). ``RexStreams`` replays exactly that: numpy's legacy ``randint`` takes 32-bit
+  Mersenne Twister words, masks each to the smallest all-ones mask covering ``area - 2`` and
+  rejects values above it (a box of area 2 draws nothing), which is done here for all runs at
+  once. Because run ``i`` of seed ``s`` is run ``i - 1`` of seed ``s + 1``, rex-xai's
+  neighbouring seeds share 19 of 20 runs (use distant seeds to compare rex-xai with itself).
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
@@ -29,6 +41,7 @@ from guard.algorithm.boxes import COMBINATIONS, KEPT_CHILDREN, KEPT_INDEX, MUTAN
 
 ResponsibilityForm = Literal["simple", "witness"]
 Combination = Literal["multiplicative", "additive"]
+RandomStream = Literal["counter", "rex"]
 
 JOB_SLOTS = 3  # a mutant keeps at most 3 children, so a job has at most 3 boxes
 _COMBINATIONS_INT = COMBINATIONS.astype(np.int64)
@@ -82,20 +95,98 @@ def split_draws(keys: np.ndarray, levels: int) -> np.ndarray:
     return _splitmix(level_keys[..., None] + _SLOT_NUMBERS)
 
 
+def split_positions(areas: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """The counter stream's cut positions: ``draws`` mapped to 1..area-1 (flat, in the box)."""
+    return 1 + (draws % np.maximum(areas - 1, 1).astype(np.uint64)).astype(np.int64)
+
+
 def split_rects(rects: np.ndarray, draws: np.ndarray) -> np.ndarray:
-    """Children [..., 4, 4] of boxes [..., 4] cut at one random pixel each.
+    """Children [..., 4, 4] of boxes [..., 4] cut at one random pixel each (counter stream)."""
+    areas = (rects[..., 1] - rects[..., 0]) * (rects[..., 3] - rects[..., 2])
+    return cut_rects(rects, split_positions(areas, draws))
+
+
+def cut_rects(rects: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Children [..., 4, 4] of boxes [..., 4] cut at the pixel ``positions`` [...] (flat, row by row
+    inside the box).
 
     As ReX: the pixel is drawn uniformly among the box's pixels except its first; its row and
     column start the bottom and right children, so top or left children may be empty.
     Children are top-left, top-right, bottom-left, bottom-right as (row0, row1, col0, col1).
     """
-    r0, r1, c0, c1 = rects[..., 0], rects[..., 1], rects[..., 2], rects[..., 3]
-    width = c1 - c0
-    area = (r1 - r0) * width
-    position = 1 + (draws % np.maximum(area - 1, 1).astype(np.uint64)).astype(np.int64)
-    row, col = np.divmod(position, np.maximum(width, 1))
+    r0, c0 = rects[..., 0], rects[..., 2]
+    row, col = np.divmod(positions, np.maximum(rects[..., 3] - c0, 1))
     fields = np.concatenate([rects, (r0 + row)[..., None], (c0 + col)[..., None]], axis=-1)
     return fields[..., _CHILD_FIELDS]
+
+
+_REX_WINDOW = 8  # words looked at per draw and step; a draw needs more with odds < 2**-8
+
+
+@lru_cache(maxsize=256)
+def _rex_words(seed: int, count: int) -> np.ndarray:
+    """The first ``count`` 32-bit words of ``numpy.random.RandomState(seed)``, as int64."""
+    words = np.random.RandomState(seed).randint(0, 2**32, size=count, dtype=np.uint64)
+    words = words.astype(np.int64)
+    words.flags.writeable = False
+    return words
+
+
+class RexStreams:
+    """rex-xai 0.4.1's random streams for runs ``run_ids`` of ``seed`` (see the module notes).
+
+    Run ``i`` replays ``numpy.random.RandomState(seed + i + 1)``; ``positions`` draws, for the
+    split boxes of one tree level in job order, what rex-xai's ``randint(1, area)`` returns.
+    Several rows may hold the same run id (the same run of several images): each keeps its own
+    place in the stream.
+    """
+
+    def __init__(self, seed: int, run_ids: np.ndarray) -> None:
+        ids, self._stream = np.unique(np.asarray(run_ids, dtype=np.int64), return_inverse=True)
+        self._seeds = [int(seed) + int(i) + 1 for i in ids]
+        if ids.size and (min(self._seeds) < 0 or max(self._seeds) >= 2**32):
+            raise ValueError(
+                f"the rex stream needs 0 <= seed + run + 1 < 2**32 (numpy's legacy seeding); "
+                f"seed {seed} with runs {int(ids[0])}..{int(ids[-1])} is outside it"
+            )
+        self._used = np.zeros(len(self._stream), dtype=np.int64)
+        self._words = np.zeros((len(ids), 0), dtype=np.int64)
+        self._grow(16 * _REX_WINDOW)
+
+    def _grow(self, count: int) -> None:
+        self._words = np.stack([_rex_words(s, count) for s in self._seeds]).reshape(
+            len(self._seeds), count
+        )
+
+    def positions(self, areas: np.ndarray, processed: np.ndarray) -> np.ndarray:
+        """int64 [R, S]: rex-xai's cut of each processed box (``areas`` [R, S]; slots of a row
+        in job order), drawn from each row's stream in turn; 1 where nothing is split."""
+        positions = np.ones(areas.shape, dtype=np.int64)
+        for slot in range(areas.shape[1]):
+            rows = np.flatnonzero(processed[:, slot])
+            span = areas[rows, slot] - 2  # randint(1, area): 1 + a value in 0..area-2
+            mask = span.copy()
+            for shift in (1, 2, 4, 8, 16):
+                mask |= mask >> shift
+            value = np.zeros(len(rows), dtype=np.int64)
+            pending = np.flatnonzero(span > 0)  # randint(1, 2) is 1 and draws nothing
+            while pending.size:
+                owners = rows[pending]
+                start = self._used[owners]
+                if start.max() + _REX_WINDOW > self._words.shape[1]:
+                    self._grow(2 * self._words.shape[1])
+                window = start[:, None] + np.arange(_REX_WINDOW)
+                candidates = (
+                    self._words[self._stream[owners][:, None], window] & mask[pending, None]
+                )
+                accepted = candidates <= span[pending, None]
+                first = accepted.argmax(axis=1)
+                found = accepted[np.arange(len(pending)), first]
+                value[pending[found]] = candidates[found, first[found]]
+                self._used[owners] += np.where(found, first + 1, _REX_WINDOW)
+                pending = pending[~found]
+            positions[rows, slot] = 1 + value
+        return positions
 
 
 def _indicators(rects: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -160,12 +251,16 @@ class Landscapes:
         tree_depth: int = 10,
         search_limit: int | None = None,
         form: ResponsibilityForm = "simple",
+        stream: RandomStream = "counter",
     ) -> None:
         runs = len(run_ids)
         self.height, self.width = height, width
         self.run_ids = np.asarray(run_ids, dtype=np.int64)
-        # Every split a run can make (depths 0..tree_depth), drawn at once.
-        self._draws = split_draws(run_keys(seed, self.run_ids), tree_depth + 1)
+        self.stream = stream
+        if stream == "rex":
+            self._rex = RexStreams(seed, self.run_ids)
+        else:  # every split a run can make (depths 0..tree_depth), drawn at once
+            self._draws = split_draws(run_keys(seed, self.run_ids), tree_depth + 1)
         self.seed, self.min_box_size, self.tree_depth = seed, min_box_size, tree_depth
         self.search_limit = search_limit
         self.weights = child_weights(form)
@@ -214,7 +309,11 @@ class Landscapes:
         self.done |= ~processed[:, 0]
         self._processed = processed
 
-        self._children = split_rects(job, self._draws[:, min(self.depth, self.tree_depth)])
+        if self.stream == "rex":
+            positions = self._rex.positions(area, processed)
+        else:
+            positions = split_positions(area, self._draws[:, min(self.depth, self.tree_depth)])
+        self._children = cut_rects(job, positions)
         others = job[:, _OTHER_SLOTS] * in_job[:, _OTHER_SLOTS, None]  # [R, 3, 2, 4]
         masks = mutant_masks(self._children[processed], others[processed], self.height, self.width)
         owners = np.repeat(np.nonzero(processed)[0], MUTANTS_PER_BOX)
