@@ -213,6 +213,28 @@ def test_concurrent_clients_get_the_sequential_verdicts(
             assert answer.mask.packed_bits == one.mask.packed_bits
 
 
+def test_inputs_are_checked_once_per_request(
+    sidecar: Sidecar, stub, input_name: str, reference, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model runtime's full check (shape, NaN, Inf) runs once per request: the MPS engine
+    works on the inputs the prediction has checked."""
+    classifier = sidecar.models[0].classifier
+    checked: list[int] = []
+    check_images = classifier.check_images
+
+    def counted(images: np.ndarray) -> np.ndarray:
+        checked.append(len(images))
+        return check_images(images)
+
+    monkeypatch.setattr(classifier, "check_images", counted)
+    x = reference[0]
+    response = stub.ModelInfer(infer_request(MODEL, input_name, x[:2]))
+    assert output_arrays(response)["guard_checked"].all()
+    with GuardClient(f"{LOOPBACK}:{sidecar.port}") as client:
+        assert client.explain(x[0]).model_evaluations > 0
+    assert checked == [2, 1]
+
+
 def test_metrics_are_scraped_and_parsed(sidecar: Sidecar, stub, input_name: str, reference) -> None:
     before = scrape(sidecar.metrics_port)
     x = reference[0]
