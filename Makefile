@@ -32,7 +32,7 @@ bench-serve: $(STAMP)  ## load test of the sidecar: sync/async x shared calls, 1
 	$(BIN)/python benchmarks/bench_serve.py --json benchmarks/results/serve.json
 
 demo-calibration: $(STAMP)  ## re-make the demo model's shipped calibration from its held-out split
-	$(BIN)/guard calibrate guard/demo/heldout.npz --out guard/demo/calibration.json --score combined \
+	$(BIN)/guard calibrate guard/demo/heldout.npz --out guard/demo/calibration.json \
 		--report out/demo-calibration --restart
 	rm -f guard/demo/calibration.json.cache.jsonl
 

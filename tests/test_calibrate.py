@@ -91,7 +91,7 @@ def test_report_figures_match_a_recomputation_from_the_records(calibrated: Path)
     held = np.array([row["split"].startswith("holdout") for row in rows])
     msp = 1 - np.array([float(row["confidence"]) for row in rows])
     if 0 < (~correct[held]).sum() < held.sum():
-        assert summary["auroc_msp"] == pytest.approx(
+        assert summary["scores"]["msp"]["auroc"] == pytest.approx(
             roc_auc_score(~correct[held], msp[held]), abs=1e-9
         )
     # The deployed check's figures, recomputed from the per-item scores and verdicts.
@@ -102,14 +102,22 @@ def test_report_figures_match_a_recomputation_from_the_records(calibrated: Path)
     )
     if (~correct[held]).any():
         assert summary["detection_rate_holdout"] == pytest.approx(flagged[held & ~correct].mean())
-        for kind in ("mps", "combined"):
+        for kind in summary["scores"]:
             score = np.array([float(row[f"score_{kind}"]) for row in rows])
-            assert summary[f"auroc_{kind}"] == pytest.approx(
+            assert summary["scores"][kind]["auroc"] == pytest.approx(
                 roc_auc_score(~correct[held], score[held]), abs=1e-9
             )
-    for key in ("false_alarm_rate_holdout", "detection_rate_holdout", "auroc_mps", "auroc_combined",
-                "baseline_class", "alpha"):  # fmt: skip
+    assert set(summary["scores"]) == {
+        "mps", "msp", "confidence", "class-confidence", "combined", "evidence"
+    }  # fmt: skip
+    assert summary["selected_score"] in summary["scores"]
+    assert {"baseline", "auroc_diff", "ci"} <= set(summary["mps_increment"])
+    for key in ("false_alarm_rate_holdout", "detection_rate_holdout", "baseline_class", "alpha"):
         assert key in summary
+    # Every evidence feature is in the records, so any score can be refitted from them.
+    assert {"feature_complement_confidence", "feature_insertion_5", "feature_pnorm_p2"} <= set(
+        rows[0]
+    )
     assert "Mann-Whitney" in (report / "report.md").read_text()
 
 

@@ -161,6 +161,8 @@ def _run(
                     on_progress=lambda done, task=task: progress.update(task, advance=done),
                 )  # fmt: skip
                 outcomes.append(ModelOutcome(model, run.records, run.skipped, run.resumed))
+                for note in run.notes:
+                    err_console.print(f"{model.name}: {note}", markup=False, highlight=False)
     except KeyboardInterrupt:
         err_console.print(
             f"interrupted: results so far are kept in {report / 'cache'}; run the same command again to resume"

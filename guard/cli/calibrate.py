@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal, cast
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -38,22 +38,41 @@ ReportOpt = Annotated[
     Path | None, Option(help="write summary.json, records.csv, report.md and plots here")
 ]
 AlphaOpt = Annotated[float, Option(help="false-alarm rate allowed on correct predictions")]
-ScoreOpt = Annotated[str, Option(help="mps (the paper's check), msp or combined")]
+ScoreOpt = Annotated[
+    str,
+    Option(
+        help="auto (chosen on the fit split; the default), mps (the paper's check), msp, "
+        "confidence, class-confidence, combined or evidence"
+    ),
+]
+PerClassOpt = Annotated[
+    bool, Option(help="thresholds per predicted class (the guarantee holds for each class)")
+]
+DeltaOpt = Annotated[
+    float | None,
+    Option(
+        help="calibration-conditional guarantee: with probability 1-DELTA over the calibration "
+        "data, the false-alarm rate is <= alpha (e.g. 0.1)"
+    ),
+]
+StabilityOpt = Annotated[
+    bool, Option(help="also record a second seed's MPS and its agreement (twice the MPS cost)")
+]
 SmallTailOpt = Annotated[bool, Option(help="also flag unusually small (myopic) MPSs")]
 HoldoutOpt = Annotated[float, Option(help="share of items held out from fitting")]
 SplitSeedOpt = Annotated[int, Option(help="seed of the stratified fit/held-out split")]
 RestartOpt = Annotated[bool, Option(help="ignore the cache of an earlier run and start over")]
 
-Score = Literal["mps", "msp", "combined"]
-
 
 @dataclass(frozen=True)
 class FitOptions:
     alpha: float
-    score: Score
+    score: str
     holdout_fraction: float
     seed: int
     flag_small_tail: bool
+    per_class: bool
+    delta: float | None
 
 
 @with_runtime_options()
@@ -62,8 +81,11 @@ def calibrate(
     out: OutOpt = Path("calibration.json"),
     report: ReportOpt = None,
     alpha: AlphaOpt = 0.05,
-    score: ScoreOpt = "mps",
+    score: ScoreOpt = "auto",
     flag_small_tail: SmallTailOpt = False,
+    per_class: PerClassOpt = False,
+    delta: DeltaOpt = None,
+    stability: StabilityOpt = False,
     holdout_fraction: HoldoutOpt = 0.5,
     split_seed: SplitSeedOpt = 0,
     batch_items: BatchItemsOpt = 8,
@@ -76,9 +98,14 @@ def calibrate(
     Per-item results are cached in OUT.cache.jsonl as they are computed; re-running the same
     command after an interruption resumes where it stopped.
     """
-    fitting = _validate(alpha, score, holdout_fraction, split_seed, flag_small_tail, batch_items)
+    fitting = FitOptions(
+        alpha, score, holdout_fraction, split_seed, flag_small_tail, per_class, delta
+    )
+    _validate(fitting, batch_items)
     runtime, data_set = _load(data, options)
-    result = _run(data_set, runtime, out, batch_items=batch_items, restart=restart)
+    result = _run(
+        data_set, runtime, out, batch_items=batch_items, restart=restart, stability=stability
+    )
     _report_skipped(result.skipped)
     fit = _fit(result, fitting)
     artifact = _artifact(fit, runtime, data_set, result)
@@ -86,23 +113,21 @@ def calibrate(
     _print_summary(artifact, out, report, resumed=result.resumed)
 
 
-def _validate(
-    alpha: float,
-    score: str,
-    holdout_fraction: float,
-    split_seed: int,
-    flag_small_tail: bool,
-    batch_items: int,
-) -> FitOptions:
-    if score not in ("mps", "msp", "combined"):
-        raise fatal(f"--score must be mps, msp or combined, not {score!r}")
-    if not 0 < alpha < 1:
-        raise fatal(f"--alpha must lie strictly between 0 and 1, not {alpha}")
-    if not 0 < holdout_fraction < 1:
-        raise fatal(f"--holdout-fraction must lie strictly between 0 and 1, not {holdout_fraction}")
+def _validate(fitting: FitOptions, batch_items: int) -> None:
+    from guard.calibration.fit import SCORE_CHOICES
+
+    if fitting.score not in SCORE_CHOICES:
+        raise fatal(f"--score must be one of {', '.join(SCORE_CHOICES)}, not {fitting.score!r}")
+    if not 0 < fitting.alpha < 1:
+        raise fatal(f"--alpha must lie strictly between 0 and 1, not {fitting.alpha}")
+    if fitting.delta is not None and not 0 < fitting.delta < 1:
+        raise fatal(f"--delta must lie strictly between 0 and 1, not {fitting.delta}")
+    if not 0 < fitting.holdout_fraction < 1:
+        raise fatal(
+            f"--holdout-fraction must lie strictly between 0 and 1, not {fitting.holdout_fraction}"
+        )
     if batch_items < 1:
         raise fatal(f"--batch-items must be at least 1, not {batch_items}")
-    return FitOptions(alpha, cast(Score, score), holdout_fraction, split_seed, flag_small_tail)
 
 
 def _load(data: Path, options: RuntimeOptions) -> tuple[Runtime, LabelledData]:
@@ -114,7 +139,13 @@ def _load(data: Path, options: RuntimeOptions) -> tuple[Runtime, LabelledData]:
 
 
 def _run(
-    data_set: LabelledData, runtime: Runtime, out: Path, *, batch_items: int, restart: bool
+    data_set: LabelledData,
+    runtime: Runtime,
+    out: Path,
+    *,
+    batch_items: int,
+    restart: bool,
+    stability: bool,
 ) -> RunResult:
     """The engine on every item, cached next to OUT; an interruption keeps what is done."""
     from guard.calibration.run import run_items
@@ -131,8 +162,8 @@ def _run(
                 rate = f"{number(completed / elapsed, 1)} items/s" if elapsed else ""
                 progress.update(task, rate=rate)
 
-            return run_items(
-                data_set, runtime.classifier, runtime.engine, cache,
+            result = run_items(
+                data_set, runtime.classifier, runtime.engine, cache, stability=stability,
                 batch_items=batch_items, restart=restart, on_progress=advance,
             )  # fmt: skip
     except KeyboardInterrupt:
@@ -140,6 +171,9 @@ def _run(
             f"interrupted: results so far are kept in {cache}; run the same command again to resume"
         )
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    for note in result.notes:
+        err_console.print(note, markup=False, highlight=False)
+    return result
 
 
 def _report_skipped(skipped: list[tuple[str, str]]) -> None:
@@ -157,7 +191,8 @@ def _fit(result: RunResult, fitting: FitOptions) -> FitResult:
         return fit_calibration(
             result.records, alpha=fitting.alpha, score=fitting.score,
             holdout_fraction=fitting.holdout_fraction, seed=fitting.seed,
-            flag_small_tail=fitting.flag_small_tail,
+            flag_small_tail=fitting.flag_small_tail, per_class=fitting.per_class,
+            delta=fitting.delta,
         )  # fmt: skip
     except (GuardError, ValueError) as exc:
         raise fatal(f"cannot fit the calibration: {exc}") from None
@@ -211,8 +246,8 @@ def _print_summary(
     )
     out_console.print(
         f"held-out: false-alarm rate {number(m.false_alarm_rate_holdout)}, detection rate "
-        f"{number(m.detection_rate_holdout)}; AUROC mps {number(m.scores['mps'].auroc)}, "
-        f"msp {number(m.scores['msp'].auroc)}, combined {number(m.scores['combined'].auroc)}"
+        f"{number(m.detection_rate_holdout)}; AUROC "
+        + ", ".join(f"{kind} {number(s.auroc)}" for kind, s in m.scores.items())
     )
     for note in artifact.notes:
         out_console.print(f"note: {note}", markup=False, soft_wrap=True)

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from guard import demo
 from guard.cli.options import RuntimeOptions
-from guard.errors import ConfigError, GuardError
+from guard.errors import ConfigError, GuardError, describe_validation_error
 from guard.settings import EngineSettings, ModelOptions
 
 if TYPE_CHECKING:
@@ -106,7 +106,9 @@ def _preprocessing(options: RuntimeOptions) -> Preprocessing:
     try:
         return preprocessing_type.model_validate({**base, **options.preprocessing_overrides()})
     except ValidationError as exc:
-        raise ConfigError(f"invalid preprocessing settings: {exc}") from exc
+        raise ConfigError(
+            describe_validation_error(exc, "invalid preprocessing settings")
+        ) from None
 
 
 def _engine_settings(options: RuntimeOptions) -> EngineSettings:
@@ -117,14 +119,14 @@ def _engine_settings(options: RuntimeOptions) -> EngineSettings:
     try:
         return EngineSettings.model_validate({**base, **options.engine_overrides()})
     except ValidationError as exc:
-        raise ConfigError(f"invalid engine settings: {exc}") from exc
+        raise ConfigError(describe_validation_error(exc, "invalid engine settings")) from None
 
 
 def _model_options(options: RuntimeOptions) -> ModelOptions:
     try:
         return ModelOptions(**options.model_options())
     except ValidationError as exc:
-        raise ConfigError(f"invalid model options: {exc}") from exc
+        raise ConfigError(describe_validation_error(exc, "invalid model options")) from None
 
 
 def _check_fit(

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from guard import demo
 from guard.cli.options import settings_options
-from guard.errors import ConfigError
+from guard.errors import ConfigError, describe_validation_error
 from guard.service.settings import ServeSettings
 
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
@@ -59,11 +59,7 @@ def _settings(given: dict[str, Any]) -> ServeSettings:
     try:
         settings = ServeSettings(**given)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        raise ConfigError(f"invalid serve settings: {problems}") from None
+        raise ConfigError(describe_validation_error(exc, "invalid serve settings")) from None
     if settings.model is None:  # neither flag nor environment: the bundled demo
         calibration = settings.calibration or demo.DEMO_CALIBRATION
         return settings.model_copy(update={"model": demo.DEMO_MODEL, "calibration": calibration})
