@@ -183,7 +183,10 @@ def run_reference(
     ``model_evaluations`` (prediction-function calls / images evaluated over the same two phases;
     exact, counted by wrapping rex's prediction function), plus the breakdowns
     ``responsibility_*`` / ``extraction_*``, ``target_prediction_calls``, ``phase1_seconds``,
-    ``phase2_seconds``, ``sufficiency_confidence`` and rex's ``run_stats``.
+    ``phase2_seconds``, ``sufficiency_confidence``, rex's ``run_stats``, and
+    ``responsibility_inside_min`` / ``responsibility_outside_max``: rex's float32 responsibility
+    at the MPS boundary (the smallest value inside the mask, the largest outside; None where a
+    side is empty), which shows where float32 near-ties could reorder the ranking.
     """
     model = Path(model).resolve()
     workdir = Path(workdir).resolve()

@@ -140,6 +140,12 @@ def main() -> int:
                 m = m[0]
             m2 = m.any(axis=0) if data.model_order == "first" else m.any(axis=-1)
             h, w = m2.shape
+            # rex-xai's own ranking values (float32) on both sides of the MPS boundary: where
+            # they nearly tie, float32 rounding can order pixels unlike exact arithmetic does.
+            r_map = np.asarray(exp.target_map.detach().cpu().numpy(), dtype=np.float64)
+            r_map = r_map.reshape(h, w)
+            inside = float(r_map[m2].min()) if m2.any() else None
+            outside = float(r_map[~m2].max()) if (~m2).any() else None
             row = {
                 "index": idx,
                 "predicted_class": int(data.target.classification),
@@ -163,6 +169,8 @@ def main() -> int:
                     else float(exp.sufficiency_confidence)
                 ),
                 "run_stats": {k: float(v) for k, v in run_stats.items()},
+                "responsibility_inside_min": inside,
+                "responsibility_outside_max": outside,
             }
             out.write(json.dumps(row) + "\n")
             out.flush()
