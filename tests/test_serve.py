@@ -25,6 +25,7 @@ from guard.transport.grpc.client import GuardClient, unpack_mask
 from guard.transport.grpc.generated.inference import grpc_predict_v2_pb2 as pb
 from guard.transport.grpc.server import GUARD_SERVICE, INFERENCE_SERVICE, Sidecar
 from guard.verdict.artifact import load_artifact, score_prediction
+from guard.verdict.detector import SCORE_REASON
 from tests.serving import (
     LOOPBACK,
     infer_request,
@@ -181,7 +182,7 @@ def test_guard_service_explains_images_and_tensors(sidecar: Sidecar, reference) 
 def test_out_of_distribution_noise_is_flagged_far_more_often_than_digits(
     sidecar: Sidecar, heldout: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    """Uniform noise is nothing like a digit: the combined score flags much of it, while
+    """Uniform noise is nothing like a digit: the calibrated score flags much of it, while
     held-out digits are flagged at about the calibrated 5%."""
     noise = np.random.default_rng(0).random((16, 1, 32, 32), dtype=np.float32)
     with GuardClient(f"{LOOPBACK}:{sidecar.port}") as client:
@@ -189,7 +190,8 @@ def test_out_of_distribution_noise_is_flagged_far_more_often_than_digits(
         on_digits = [client.explain(image) for image in heldout[0][:16]]
     assert sum(a.flagged for a in on_noise) >= 6
     assert sum(a.flagged for a in on_digits) <= 2
-    assert {a.reason for a in on_noise if a.flagged} == {"suspicious_combined"}
+    detector = load_artifact(demo.DEMO_CALIBRATION).detector
+    assert {a.reason for a in on_noise if a.flagged} == {SCORE_REASON[detector.score_kind]}
 
 
 def test_concurrent_clients_get_the_sequential_verdicts(
@@ -265,7 +267,8 @@ def test_metrics_are_scraped_and_parsed(sidecar: Sidecar, stub, input_name: str,
     assert value(after, "guard_calibration_alpha", model=MODEL) == 0.05
     info = {dict(k)["model"]: dict(k) for k in after["guard_model_info"]}
     assert info[MODEL]["provider"] == "CPUExecutionProvider"
-    assert info[MODEL]["score_kind"] == "combined" and info[MODEL]["mode"] == "sync"
+    assert info[MODEL]["score_kind"] == load_artifact(demo.DEMO_CALIBRATION).detector.score_kind
+    assert info[MODEL]["mode"] == "sync"
     checked = value(after, "guard_checked_predictions_total", model=MODEL)
     assert value(after, "guard_mps_area_drift_window_items", model=MODEL) == min(checked, 500)
     assert 0 <= value(after, "guard_mps_area_drift", model=MODEL) <= 1

@@ -76,7 +76,7 @@ def broken_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         (["--calibration", "{corrupt}"], "is not valid JSON"),
         (["--model", "{other_model}"], "a calibration is required with a model"),
         (["--model", "{other_model}", "--calibration", "{demo_calibration}"], "sha256"),
-        (["--mode", "sometimes"], "mode: Input should be 'sync' or 'async'"),
+        (["--mode", "sometimes"], "mode: must be one of 'sync' or 'async' (got 'sometimes')"),
         (["--port", "{busy_port}"], "cannot listen on"),
         (["--tls-cert", "{demo_calibration}"], "tls_cert and tls_key go together"),
     ],
