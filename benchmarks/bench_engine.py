@@ -3,14 +3,21 @@
     python benchmarks/bench_engine.py                       # all models, rex-xai included
     python benchmarks/bench_engine.py --no-rex --limit 20   # quick look
     python benchmarks/bench_engine.py --provider cuda --no-rex
+    python benchmarks/bench_engine.py --models "digits RGB (3x32x32)" "textures (3x64x64)" \
+        --limit 48 --repeats 1 --iters-curve             # fidelity to rex-xai only
 
-Per model and held-out image: the engine's MPS (wall seconds, model evaluations and calls);
+Per model and held-out image (``--limit`` images spread evenly over the held-out set, whose
+items may be sorted by class): the engine's MPS (wall seconds, model evaluations and calls);
 the *floor*, i.e. the plain model (no masking graph, same provider) evaluating the same number
-of inputs at the same batch sizes; and, for 3-channel models, rex-xai 0.4.1 with the same
-settings in its own virtual environment (seconds per MPS, agreement of MPS areas). Finally the
-cost/agreement curve for fewer iterations. Everything runs interleaved in one process so the
-ratios are robust to a noisy machine; engine and floor are each timed ``--repeats`` times per
-image and the fastest counts (rex-xai, timed once, is compared with the engine's first timing).
+of inputs at the same batch sizes; the engine with ``random_stream="rex"`` (its cost against
+the default stream); and, for 3-channel models, rex-xai 0.4.1 with the same settings in its
+own virtual environment: seconds per MPS, median MPS areas, Spearman agreement of per-image
+areas (engine with rex-xai, rex-xai with itself at seeds 0 and 1000: neighbouring seeds share
+19 of 20 runs in rex-xai), and with rex-xai's stream the share of images whose MPS area, and
+whose mask, is exactly rex-xai's. Finally the cost/agreement curve for fewer iterations.
+Everything runs interleaved in one process so the ratios are robust to a noisy machine; engine
+and floor are each timed ``--repeats`` times per image and the fastest counts (rex-xai, timed
+once, is compared with the engine's first timing).
 """
 
 from __future__ import annotations
@@ -97,6 +104,7 @@ class EngineRun:
     single_seconds: np.ndarray  # the first timing alone, as a tool timed once would see it
     evaluations: np.ndarray
     calls: np.ndarray
+    masks: np.ndarray  # bool [N, H, W]
 
 
 def run_engine(
@@ -143,6 +151,7 @@ def run_engine(
                     seconds[0, i],
                     result.model_evaluations,
                     result.model_calls,
+                    result.mps_mask,
                 )
             )
     columns = [np.array(c) for c in zip(*rows, strict=True)]
@@ -159,14 +168,35 @@ def p90(values: np.ndarray) -> float:
     return float(np.percentile(values, 90))
 
 
+# rex-xai's float32 rounding stays well below this relative gap between ranking values
+NEAR_TIE = 1e-4
+
+
+def spread(count: int, limit: int | None) -> np.ndarray:
+    """``limit`` indices spread evenly over ``count`` items (all of them without a limit)."""
+    if limit is None or limit >= count:
+        return np.arange(count)
+    return np.unique(np.linspace(0, count - 1, limit).round().astype(np.int64))
+
+
+def near_tie(row: dict) -> bool:
+    """rex-xai's float32 ranking nearly ties at its MPS boundary (see tests/test_fidelity.py)."""
+    inside, outside = row.get("responsibility_inside_min"), row.get("responsibility_outside_max")
+    if inside is None or outside is None or inside <= 0:
+        return False
+    return 0 < (inside - outside) / inside < NEAR_TIE
+
+
 def bench_model(name: str, model: Path, data: Path, args: argparse.Namespace) -> dict:
-    x = np.load(data, allow_pickle=False)["x"][: args.limit].astype(np.float32)
+    with np.load(data, allow_pickle=False) as held_out:
+        x = held_out["x"][spread(len(held_out["x"]), args.limit)].astype(np.float32)
     classifier = MaskedClassifier(model, ModelOptions(provider=args.provider))
     providers = [classifier.provider] + (
         ["CPUExecutionProvider"] if classifier.provider != "CPUExecutionProvider" else []
     )
     floor = Floor(model, providers, classifier.options.spin_threads, x[0])
     settings = EngineSettings(seed=0)
+    pixels = classifier.spec.height * classifier.spec.width
     print(f"\n## {name}: {len(x)} images, provider {classifier.provider}", file=sys.stderr)
     MpsEngine(classifier, settings).explain(x[0])  # warm-up (session allocations)
     main = run_engine(classifier, x, settings, floor, args.repeats)
@@ -185,6 +215,18 @@ def bench_model(name: str, model: Path, data: Path, args: argparse.Namespace) ->
     }
     other_seed = run_engine(classifier, x, settings.model_copy(update={"seed": 1}), None)
     row["engine_vs_engine_seed1_spearman"] = spearman(main.areas, other_seed.areas)
+    # rex-xai's random streams, in lockstep like the default one: what they cost
+    rex_stream = run_engine(
+        classifier, x, settings.model_copy(update={"random_stream": "rex"}), None, args.repeats
+    )
+    row.update(
+        {
+            "rex_stream_s_median": float(np.median(rex_stream.seconds)),
+            "rex_stream_over_counter": float(np.median(rex_stream.seconds / main.seconds)),
+            "rex_stream_area_median": float(np.median(rex_stream.areas)),
+            "one_chunk_fraction": float(np.mean(main.areas * pixels <= settings.chunk_size)),
+        }
+    )
 
     curve = []
     for iters in args.iters_curve:
@@ -214,6 +256,10 @@ def bench_model(name: str, model: Path, data: Path, args: argparse.Namespace) ->
             ]
         rex_areas = [np.array([r["mps_area_fraction"] for r in runs]) for runs in rex]
         rex_seconds = np.array([r["seconds"] for r in rex[0]])
+        rex_masks = np.stack([r["mps_mask"] for r in rex[0]])
+        same_mask = (rex_stream.masks == rex_masks).all(axis=(1, 2))
+        ties = np.array([near_tie(r) for r in rex[0]])
+        strict = run_engine(classifier, x, settings.model_copy(update={"empty_mps": True}), None)
         row.update(
             {
                 "rex_s_median": float(np.median(rex_seconds)),
@@ -226,6 +272,16 @@ def bench_model(name: str, model: Path, data: Path, args: argparse.Namespace) ->
                 "rex_area_median": float(np.median(rex_areas[0])),
                 "engine_vs_rex_spearman": spearman(main.areas, rex_areas[0]),
                 "rex_vs_rex_seed1_spearman": spearman(rex_areas[0], rex_areas[1]),
+                "rex_one_chunk_fraction": float(
+                    np.mean(rex_areas[0] * pixels <= settings.chunk_size)
+                ),
+                # the engine before rex-xai's extraction became the default
+                "empty_mps_area_median": float(np.median(strict.areas)),
+                "empty_mps_vs_rex_spearman": spearman(strict.areas, rex_areas[0]),
+                "rex_stream_same_area": float(np.mean(rex_stream.areas == rex_areas[0])),
+                "rex_stream_same_mask": float(np.mean(same_mask)),
+                "rex_near_ties": int(ties.sum()),
+                "rex_stream_other_mask_not_near_tie": int((~same_mask & ~ties).sum()),
             }
         )
     return row
@@ -242,8 +298,32 @@ def print_tables(rows: list[dict]) -> None:
             f"{r['engine_s_median']:.4f}, {r['engine_s_p90']:.4f} | {r['floor_s_median']:.4f}, {r['floor_s_p90']:.4f} | "
             f"{r['engine_over_floor']:.2f}x |"
         )
+    print("\n| model | engine s/MPS, counter stream | rex stream | rex / counter |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['engine_s_median']:.4f} | {r['rex_stream_s_median']:.4f} | "
+            f"{r['rex_stream_over_counter']:.2f}x |"
+        )
     rex_rows = [r for r in rows if "rex_s_median" in r]
     if rex_rows:
+        print(
+            "\n| model | images | MPS area median engine / rex-xai (ratio) | Spearman engine-rex | "
+            "Spearman rex-rex (seed 0 vs 1000) | one-chunk MPSs engine / rex | empty_mps: area "
+            "median, Spearman with rex | rex stream: same area | same mask (near-ties) |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in rex_rows:
+            ratio = r["area_median"] / r["rex_area_median"] if r["rex_area_median"] else np.nan
+            print(
+                f"| {r['model']} | {r['images']} | {r['area_median']:.4f} / "
+                f"{r['rex_area_median']:.4f} ({ratio:.2f}) | {r['engine_vs_rex_spearman']:.3f} | "
+                f"{r['rex_vs_rex_seed1_spearman']:.3f} | {r['one_chunk_fraction']:.2f} / "
+                f"{r['rex_one_chunk_fraction']:.2f} | {r['empty_mps_area_median']:.4f}, "
+                f"{r['empty_mps_vs_rex_spearman']:.3f} | {r['rex_stream_same_area']:.1%} | "
+                f"{r['rex_stream_same_mask']:.1%} ({r['rex_near_ties']}; other differences: "
+                f"{r['rex_stream_other_mask_not_near_tie']}) |"
+            )
         print(
             "\n| model | rex-xai s/MPS (median, p90) | rex-xai / engine | rex evals/MPS | MPS area median engine / rex | Spearman engine-rex | Spearman rex-rex (seed 0 vs 1000) | Spearman engine-engine (seed 0 vs 1) |"
         )
@@ -268,7 +348,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--limit", type=int, default=100, help="held-out images per model")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=100,
+        help="held-out images per model, spread evenly over the held-out set",
+    )
     parser.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument(
         "--no-rex", dest="rex", action="store_false", help="skip the reference tool"
