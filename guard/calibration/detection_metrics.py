@@ -144,11 +144,7 @@ def bootstrap_interval(
     if s.size == 0 or n_boot <= 0:
         return _NAN, _NAN
     values = np.array([metric(s[idx], y[idx]) for idx in _resamples(s.size, n_boot, seed)])
-    values = values[np.isfinite(values)]
-    if values.size < n_boot / 2:
-        return _NAN, _NAN
-    low, high = np.percentile(values, [2.5, 97.5])
-    return float(low), float(high)
+    return _interval(values, n_boot)
 
 
 def bootstrap_difference(
@@ -170,11 +166,16 @@ def bootstrap_difference(
     diffs = np.array(
         [metric(a[i], y[i]) - metric(b[i], y[i]) for i in _resamples(a.size, n_boot, seed)]
     )
-    diffs = diffs[np.isfinite(diffs)]
-    if diffs.size < n_boot / 2:
-        return float(estimate), _NAN, _NAN
-    low, high = np.percentile(diffs, [2.5, 97.5])
-    return float(estimate), float(low), float(high)
+    return (float(estimate), *_interval(diffs, n_boot))
+
+
+def _interval(values: NDArray[np.float64], n_boot: int) -> tuple[float, float]:
+    """95% percentile interval of the finite resampled values; NaN if more than half are not."""
+    values = values[np.isfinite(values)]
+    if values.size < n_boot / 2:
+        return _NAN, _NAN
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
 
 
 def mann_whitney_area(
@@ -236,36 +237,4 @@ def bootstrap_auroc_difference(
     Resamples that hold one class only (or a constant score) are skipped; if more than half
     are skipped, or ``n_boot`` is 0, the interval is NaN.
     """
-    a, y = _as_arrays(score_a, incorrect)
-    b, _ = _as_arrays(score_b, incorrect)
-    if a.shape != b.shape:
-        raise ValueError(f"score_a has {a.size} items, score_b {b.size}")
-    estimate = auroc(a, y) - auroc(b, y)
-    if np.isnan(estimate) or n_boot <= 0:
-        return float(estimate), _NAN, _NAN
-    rng = np.random.default_rng(seed)
-    n = y.size
-    rows_per_chunk = max(1, 2_000_000 // n)  # bounds memory at a few tens of MB
-    differences = []
-    for start in range(0, n_boot, rows_per_chunk):
-        idx = rng.integers(0, n, size=(min(rows_per_chunk, n_boot - start), n))
-        yy = y[idx]
-        differences.append(_auroc_rows(a[idx], yy) - _auroc_rows(b[idx], yy))
-    diffs = np.concatenate(differences)
-    diffs = diffs[np.isfinite(diffs)]
-    if diffs.size < n_boot / 2:
-        return float(estimate), _NAN, _NAN
-    low, high = np.percentile(diffs, [2.5, 97.5])
-    return float(estimate), float(low), float(high)
-
-
-def _auroc_rows(s: NDArray[np.float64], y: NDArray[np.bool_]) -> NDArray[np.float64]:
-    """AUROC of each row; NaN where a row is degenerate."""
-    n1 = y.sum(axis=1).astype(np.float64)
-    n0 = y.shape[1] - n1
-    valid = (n1 > 0) & (n0 > 0) & (np.ptp(s, axis=1) > 0)
-    ranks = rankdata(s, axis=1)
-    rank_sum = np.where(y, ranks, 0.0).sum(axis=1)
-    out = np.full(s.shape[0], _NAN)
-    out[valid] = (rank_sum[valid] - n1[valid] * (n1[valid] + 1) / 2) / (n1[valid] * n0[valid])
-    return out
+    return bootstrap_difference(auroc, score_a, score_b, incorrect, n_boot=n_boot, seed=seed)
