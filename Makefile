@@ -35,6 +35,7 @@ demo-calibration: $(STAMP)  ## re-make the demo model's shipped calibration from
 	$(BIN)/guard calibrate guard/demo/heldout.npz --out guard/demo/calibration.json \
 		--report out/demo-calibration --restart
 	rm -f guard/demo/calibration.json.cache.jsonl
+	$(BIN)/python scripts/demo_calibration_summary.py --write
 
 calibration-textures: $(STAMP)  ## calibrate the 64x64 texture CNN on corrupted held-out crops
 	$(BIN)/python scripts/make_shifted_textures.py

@@ -58,7 +58,7 @@ def test_auto_keeps_the_simpler_score_when_the_mps_adds_nothing() -> None:
     m = fit.metrics
     assert m.selected_score in ("msp", "confidence", "class-confidence")
     assert not fit.detector.needs_mps
-    assert "did not lower" in m.selection
+    assert "did not measurably improve" in m.selection
     assert m.mps_increment is not None and m.mps_increment.baseline == "class-confidence"
     assert any("no measurable detection value" in n or "no detection value" in n for n in fit.notes)
 

@@ -178,22 +178,23 @@ def choose_score(
     plain = best(CONFIDENCE_ONLY) or "msp"
     mps = best([k for k in kinds if k in MPS_SCORES])
     if mps is None:
-        reason = f"{plain}: lowest cross-validated AURC on the fit split; no MPS score to compare"
+        reason = "the lowest cross-validated AURC on the fit split; no MPS score to compare"
         return Choice(plain, cv, plain, None, None, reason)
     gain = metrics.bootstrap_difference(
         metrics.aurc, oof[plain], oof[mps], incorrect, n_boot=n_boot, seed=seed
     )
+    compared = (
+        f"cross-validated AURC on the fit split {cv[mps]:.4f} for {mps} against "
+        f"{cv[plain]:.4f} for {plain} (improvement {gain[0]:+.4f}, 95% CI "
+        f"{number(gain[1], 4)} to {number(gain[2], 4)})"
+    )
     if not math.isnan(gain[1]) and gain[1] > 0:
-        reason = (
-            f"{mps}: its cross-validated AURC on the fit split is lower than {plain}'s by "
-            f"{gain[0]:.4f} (95% CI {gain[1]:.4f} to {gain[2]:.4f}, above 0)"
-        )
+        reason = f"the MPS-using score {mps} measurably improves on {plain}: {compared}"
         return Choice(mps, cv, plain, mps, gain, reason)
     reason = (
-        f"{plain}: the best MPS-using score, {mps}, did not lower the cross-validated AURC on "
-        f"the fit split measurably ({gain[0]:+.4f}, 95% CI {number(gain[1], 4)} to "
-        f"{number(gain[2], 4)}), so the simpler score without the MPS is kept (fewer moving "
-        "parts, no MPS cost per request, better behaviour under shift)"
+        f"the best MPS-using score did not measurably improve on it: {compared}; the simpler "
+        "score is kept (fewer moving parts, no MPS cost per request, better behaviour under "
+        "shift)"
     )
     return Choice(plain, cv, plain, mps, gain, reason)
 
@@ -404,7 +405,7 @@ def fit_calibration(
         },
         detection_rate=_rate(detections),
         selected_score=selected,
-        selection=choice.reason if score == "auto" else f"{selected}: chosen by --score",
+        selection=choice.reason if score == "auto" else "chosen by --score",
         mps_increment=increment,
         mean_area_correct=mean(area[~incorrect]),
         median_area_correct=median(area[~incorrect]),
@@ -502,7 +503,7 @@ def _notes(
     fit_classes: NDArray[np.int64],
 ) -> list[str]:
     """Plain-language caveats: when a number means less than it seems, say so."""
-    notes: list[str] = [f"Score chosen: {m.selection}.", *mps_value_sentences(m)]
+    notes: list[str] = [f"Score {m.selected_score}: {m.selection}.", *mps_value_sentences(m)]
     if fit_incorrect == 0:
         notes.append(
             "No incorrect predictions in the fit split: the fitted scores carry no information "
