@@ -3,11 +3,16 @@ or by a closed form) on small inputs."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
+from scipy import stats
 from scipy.spatial.distance import cdist, directed_hausdorff
 from scipy.stats import rankdata
 
+from guard.algorithm.landscape import combine_runs
+from guard.audit import statistics
 from guard.audit.localisation import (
     dice,
     dual_polarity_precision,
@@ -18,15 +23,23 @@ from guard.audit.localisation import (
     relevance_mass_accuracy,
     relevance_rank_accuracy,
     resize_mask,
+    signed_relevance,
 )
-from guard.audit.run import AuditRecord, pack_mask
+from guard.audit.run import AuditRecord, audit_seeds, pack_mask
 from guard.audit.statistics import (
+    bootstrap_ci,
+    bootstrap_indices,
     friedman,
+    hodges_lehmann,
     incorrect_effect,
     kruskal_wallis,
+    location_tests,
     model_summary,
     overlap_matrices,
     pairwise_wilcoxon,
+    seed_overlap,
+    signed_rank_depth,
+    within_seed_overlap,
 )
 
 
@@ -88,13 +101,65 @@ def test_rra_rma_pointing_and_dual_polarity_by_hand() -> None:
     assert relevance_mass_accuracy(r, truth) == pytest.approx(6 / 10)
     assert pointing_game(r, truth) == 1.0
     assert pointing_game(r, _mask((3, 3), (1, 0))) == 0.0
-    # Positive relevance on 4 pixels, 2 of them inside.
-    assert dual_polarity_precision(r, truth) == pytest.approx(2 / 4)
+    # Signed relevance, multiplicative: log r minus its median (0, five of nine pixels are 1):
+    # positive inside log 5 + log 3, nothing negative anywhere, total log 120.
+    assert dual_polarity_precision(r, truth) == pytest.approx(np.log(15) / np.log(120))
+    # Additive: r minus its median (1): inside 4 + 2 of a total 10.
+    assert dual_polarity_precision(r, truth, "additive") == pytest.approx(6 / 10)
     # All ties: the engine's ranking takes the higher flat index first.
     flat = np.ones((2, 2))
     assert relevance_rank_accuracy(flat, _mask((2, 2), (1, 1))) == 1.0
     assert relevance_rank_accuracy(flat, _mask((2, 2), (0, 0))) == 0.0
     assert relevance_mass_accuracy(flat, _mask((2, 2), (0, 0))) is None  # no relevance at all
+
+
+def _looking_at(where: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A multiplicative responsibility map whose runs credit ``where``: 20 runs' maps of small
+    noise, plus responsibility 0.5 on ``where`` in each run."""
+    runs = rng.uniform(0, 0.05, (20, *where.shape)) + 0.5 * where
+    return combine_runs(runs, "multiplicative")
+
+
+def test_dual_polarity_precision_tells_object_from_background() -> None:
+    rng = np.random.default_rng(5)
+    obj = np.zeros((16, 16), bool)
+    obj[2:6, 2:6] = True  # 16 of 256 pixels: a mask share of 1/16
+    patch = np.zeros_like(obj)
+    patch[10:14, 9:13] = True  # as large, on the background
+    on_object, on_background = _looking_at(obj, rng), _looking_at(patch, rng)
+    noise = _looking_at(np.zeros_like(obj), rng)
+    # The old reading (pixels of positive relevance above the floor inside the mask) is the
+    # mask share for every one of them: the multiplicative map is above its floor everywhere
+    # but at its minimum.
+    for r in (on_object, on_background, noise):
+        support = r - r.min() > 0
+        assert support[obj].sum() / support.sum() == pytest.approx(1 / 16, abs=0.01)
+    high = dual_polarity_precision(on_object, obj)
+    low = dual_polarity_precision(on_background, obj)
+    chance = dual_polarity_precision(noise, obj)
+    assert high is not None and low is not None and chance is not None
+    assert high > 0.8 and low < 0.2 and 0.4 < chance < 0.6
+    # Its extremes: all evidence above the median on the object, all below it off it; reversed.
+    exact = np.where(obj, np.e, 1.0)
+    assert dual_polarity_precision(exact, obj) == pytest.approx(1.0)
+    assert dual_polarity_precision(np.where(obj, 1 / np.e, 1.0), obj) == pytest.approx(0.0)
+    # The additive map is read on its own scale.
+    assert dual_polarity_precision(np.where(obj, 1.0, 0.1), obj, "additive") == pytest.approx(1.0)
+    # Undefined: a flat map, an empty or a full mask.
+    assert dual_polarity_precision(np.ones((4, 4)), obj[:4, :4]) is None
+    assert dual_polarity_precision(on_object, np.zeros_like(obj)) is None
+    assert dual_polarity_precision(on_object, np.ones_like(obj)) is None
+
+
+def test_signed_relevance_is_the_runs_evidence_about_its_median() -> None:
+    rng = np.random.default_rng(6)
+    runs = rng.uniform(0, 1, (20, 6, 7))
+    r = combine_runs(runs, "multiplicative")
+    evidence = np.log1p(runs).sum(axis=0)  # the sum over runs of log(1 + r_run)
+    assert np.allclose(signed_relevance(r), evidence - np.median(evidence))
+    assert np.allclose(signed_relevance(r * 3.0), signed_relevance(r))  # the scaling is immaterial
+    additive = combine_runs(runs, "additive")
+    assert np.allclose(signed_relevance(additive, "additive"), additive - np.median(additive))
 
 
 def test_nearest_resize_of_masks() -> None:
@@ -106,6 +171,138 @@ def test_nearest_resize_of_masks() -> None:
 
 
 # ---------------------------------------------------------------------------- tests across models
+
+
+def test_bootstrap_interval_against_a_loop_over_the_resamples() -> None:
+    rng = np.random.default_rng(7)
+    values = rng.random(30)
+    values[rng.random(30) < 0.3] = np.nan  # left out of the figure (say, incorrect items)
+    index = bootstrap_indices(30)
+    assert index.shape == (2000, 30)
+    assert np.array_equal(index, np.random.default_rng(0).integers(0, 30, size=(2000, 30)))
+    for statistic, f in (("mean", np.mean), ("median", np.median)):
+        replicates = []
+        for row in index:
+            chosen = values[row][~np.isnan(values[row])]
+            if chosen.size:
+                replicates.append(f(chosen))
+        expected = np.percentile(replicates, [2.5, 97.5])
+        assert bootstrap_ci(values, index, statistic) == pytest.approx(list(expected))
+    assert bootstrap_ci(np.full(30, np.nan), index) is None
+    # A subset present in a few items only: resamples without one are dropped.
+    rare = np.full(30, np.nan)
+    rare[4] = 1.0
+    assert bootstrap_ci(rare, index) == [1.0, 1.0]
+
+
+def _walsh(d: np.ndarray) -> np.ndarray:
+    return np.sort([(d[i] + d[j]) / 2 for i in range(len(d)) for j in range(i, len(d))])
+
+
+def test_signed_rank_depth_against_enumeration_and_the_normal_limit() -> None:
+    for n in (6, 9, 12):
+        sums = [sum(k for k, keep in zip(range(1, n + 1), signs, strict=True) if keep)
+                for signs in itertools.product((0, 1), repeat=n)]  # fmt: skip
+        cdf = np.cumsum(np.bincount(sums)) / 2**n
+        assert signed_rank_depth(n) == int(np.flatnonzero(cdf <= 0.025)[-1])
+    assert signed_rank_depth(5) is None  # 2 / 32 > 0.025: no interval at 95%
+    exact = int(np.flatnonzero(statistics._signed_rank_cdf(301) <= 0.025)[-1])
+    assert abs(signed_rank_depth(301) - exact) <= 2  # the normal approximation beyond 300
+
+
+def test_hodges_lehmann_estimate_and_interval() -> None:
+    rng = np.random.default_rng(8)
+    d = rng.normal(0.3, 1.0, 15)
+    hl = hodges_lehmann(d)
+    assert hl is not None and hl["n"] == 15
+    walsh = _walsh(d)
+    assert hl["estimate"] == pytest.approx(np.median(walsh))
+    depth = signed_rank_depth(15)
+    assert (hl["low"], hl["high"]) == (walsh[depth], walsh[-1 - depth])
+    # The interval inverts the exact two-sided signed-rank test at 5%: just inside its ends the
+    # test keeps the shift, just outside it rejects it.
+    for end, inward in ((hl["low"], 1), (hl["high"], -1)):
+        inside = stats.wilcoxon(d - (end + inward * 1e-9), method="exact").pvalue
+        outside = stats.wilcoxon(d - (end - inward * 1e-9), method="exact").pvalue
+        assert inside > 0.05 >= outside
+    # Ties at one chunk: the median difference is 0, the estimate half a chunk.
+    chunk = 10 / 1024
+    tied = np.array([0.0] * 11 + [-chunk] * 9)
+    assert np.median(tied) == 0.0
+    assert hodges_lehmann(tied)["estimate"] == pytest.approx(-chunk / 2)
+    assert hodges_lehmann([]) is None
+    assert hodges_lehmann([0.1, 0.2])["low"] is None  # too few for a 95% interval
+
+
+def test_hodges_lehmann_of_many_differences_samples_the_walsh_averages(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    d = np.random.default_rng(9).normal(0.1, 1.0, 400)
+    exact = hodges_lehmann(d)
+    monkeypatch.setattr(statistics, "WALSH_EXACT_LIMIT", 100)
+    monkeypatch.setattr(statistics, "WALSH_SAMPLE", 400_000)
+    sampled = hodges_lehmann(d)
+    assert exact is not None and sampled is not None
+    for key in ("estimate", "low", "high"):
+        assert sampled[key] == pytest.approx(exact[key], abs=0.01)
+
+
+def _square(top: int, left: int, size: int = 3, shape: tuple[int, int] = (12, 12)) -> np.ndarray:
+    mask = np.zeros(shape, bool)
+    mask[top : top + size, left : left + size] = True
+    return mask
+
+
+def test_seed_overlap_within_and_between_models() -> None:
+    a = [_square(0, 0), _square(0, 1)]  # one model, two seeds: moved one column
+    b = [_square(8, 8), _square(8, 9)]
+    d, h = seed_overlap(a, a)
+    assert d == pytest.approx(dice(a[0], a[1])) and h == pytest.approx(1.0)
+    d, h = seed_overlap(a, b)  # a's seed 0 against b's seed 1 and a's seed 1 against b's seed 0
+    assert d == 0.0
+    assert h == pytest.approx((hausdorff(a[0], b[1]) + hausdorff(a[1], b[0])) / 2)
+    within_d, within_h = within_seed_overlap([a, a, b], np.array([True, False, True]))
+    assert np.isnan(within_d[1]) and np.isnan(within_h[1])
+    assert within_d[0] == pytest.approx(2 * 6 / 18) and within_h[2] == pytest.approx(1.0)
+    empty = [np.zeros((12, 12), bool), _square(0, 0)]
+    assert seed_overlap(empty, empty) == (0.0, None)
+
+
+def test_location_tests_call_places_different_only_below_both_noise_floors() -> None:
+    rng = np.random.default_rng(10)
+    items = 12
+    near, far, also_near = [], [], []
+    for _ in range(items):
+        top, left = rng.integers(0, 3, 2)
+        near.append([_square(top, left), _square(top, left + 1)])
+        also_near.append([_square(top + 1, left), _square(top, left)])
+        far.append([_square(8, 8), _square(9, 8)])
+    correct = np.ones((3, items), bool)
+    correct[2, 0] = False  # the third model gets item 0 wrong: its pairs use 11 images
+    out = location_tests([near, also_near, far], correct, ["a", "b", "c"], level=0.05)
+    by_pair = {(r["model_a"], r["model_b"]): r for r in out["dice"]}
+    assert not by_pair["a", "b"]["different"]  # as far apart as reseeding moves them
+    assert by_pair["a", "c"]["different"] and by_pair["b", "c"]["different"]
+    assert by_pair["a", "c"]["n_items"] == 11
+    # Recomputed: one-sided signed-rank tests against each model's own seed-to-seed Dice.
+    row = by_pair["a", "c"]
+    both = np.arange(1, items)
+    between = np.array([seed_overlap(near[i], far[i])[0] for i in both])
+    within_a = np.array([dice(*near[i]) for i in both])
+    within_c = np.array([dice(*far[i]) for i in both])
+    p_a = stats.wilcoxon(between, within_a, alternative="less").pvalue
+    p_c = stats.wilcoxon(between, within_c, alternative="less").pvalue
+    assert row["between_mean"] == pytest.approx(between.mean())
+    assert row["within_a_mean"] == pytest.approx(within_a.mean())
+    assert (row["p_a"], row["p_b"]) == pytest.approx((p_a, p_c))
+    assert row["p_bonferroni"] == pytest.approx(min(1.0, 3 * max(p_a, p_c)))
+    assert row["hodges_lehmann_a"]["estimate"] == pytest.approx(
+        np.median(_walsh(between - within_a))
+    )
+    # Hausdorff: the far model's MPSs are further from the others than reseeding moves them.
+    haus = {(r["model_a"], r["model_b"]): r for r in out["hausdorff"]}
+    assert haus["a", "c"]["different"] and not haus["a", "b"]["different"]
+    assert np.isnan(out["within"][2][0][0])  # item 0 is wrong for the third model
 
 
 def test_kruskal_wallis_against_the_tie_corrected_formula() -> None:
@@ -154,6 +351,8 @@ def test_pairwise_signed_rank_with_bonferroni() -> None:
     for row in rows:
         assert row["p_bonferroni"] == pytest.approx(min(1.0, 3 * row["p_value"]))
     assert rows[1]["p_value"] == 1.0 and rows[1]["n_nonzero"] == 0
+    assert rows[0]["hodges_lehmann"]["estimate"] == pytest.approx(np.median(_walsh(d)))
+    assert rows[1]["hodges_lehmann"]["estimate"] == 0.0
 
 
 def test_fixed_effects_estimate_and_errors_against_the_within_transformation() -> None:
@@ -212,10 +411,23 @@ def test_model_summary_table_one() -> None:
     assert s["baseline_class"] == 1 and s["baseline_class_fraction"] == pytest.approx(2 / 3)
     assert s["rra"] == pytest.approx(0.75) and s["rra_n"] == 2
     assert s["rma"] is None and s["rma_n"] == 0
+    # Every figure with its bootstrap interval over the same resamples of the three items.
+    index = bootstrap_indices(3)
+    assert s["accuracy_ci"] == pytest.approx(
+        list(np.percentile([np.mean([[1, 1, 0][i] for i in row]) for row in index], [2.5, 97.5]))
+    )
+    assert s["mps_area_median_ci"] == bootstrap_ci([0.25, 0.75, 0.5], index, "median")
+    assert s["mps_area_mean_incorrect_ci"] == [0.5, 0.5]  # one incorrect item
+    assert s["rra_ci"] == bootstrap_ci([0.5, np.nan, 1.0], index)
+    assert s["rma_ci"] is None
 
 
 def test_packed_mps_round_trips() -> None:
-    mask = np.random.default_rng(2).random((7, 5)) < 0.4
-    record = AuditRecord("k", 0, 0, 0.5, float(mask.mean()), False, 0, pack_mask(mask))
+    mask, other = np.random.default_rng(2).random((2, 7, 5)) < 0.4
+    record = AuditRecord("k", 0, 0, 0.5, float(mask.mean()), False, 0, pack_mask(mask),
+                         other_seeds_bits=(pack_mask(other),))  # fmt: skip
     again = AuditRecord.from_json_line(record.to_json_line())
     assert again == record and np.array_equal(again.mps_mask(7, 5), mask)
+    seeds = again.seed_masks(7, 5)
+    assert len(seeds) == 2 and np.array_equal(seeds[0], mask) and np.array_equal(seeds[1], other)
+    assert audit_seeds(7, 3) == [7, 1007, 2007]

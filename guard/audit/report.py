@@ -1,13 +1,14 @@
 """The audit report: summary.json, records.csv, mps_masks.npz, report.md and the violin plot.
 
-records.csv holds every model's record of every item and mps_masks.npz every MPS, so each
-figure of the report can be recomputed independently of this code.
+records.csv holds every model's record of every item and mps_masks.npz every MPS under every
+seed, so each figure of the report can be recomputed independently of this code.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from guard.audit.localisation import LOCALISATION_METRICS  # noqa: E402
-from guard.audit.summary import ModelOutcome  # noqa: E402
+from guard.audit.statistics import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE  # noqa: E402
+from guard.audit.summary import ModelOutcome, with_ci  # noqa: E402
 from guard.numbers import number, p_value  # noqa: E402
 
 LOCALISATION_LABELS = {
+    "mask_share": "mask share",
     "mps_precision_in_mask": "MPS precision in mask",
     "mask_coverage": "mask coverage",
     "rra": "RRA",
@@ -34,12 +37,21 @@ DEFINITIONS = [
     "MPS area: pixels of the minimal sufficient pixel set / (H x W) of the model's input.",
     "Degenerate: an empty MPS (the all-baseline input already gives the class) or a single chunk.",
     "Baseline class: the class most often predicted for the all-baseline input, and its share.",
+    f"[low, high]: {CONFIDENCE:.0%} percentile bootstrap interval over the images "
+    f"({BOOTSTRAP_RESAMPLES} resamples, numpy.random.default_rng({BOOTSTRAP_SEED}).integers(0, "
+    f"n, size=({BOOTSTRAP_RESAMPLES}, n)) for a model's n items, the same resamples for each of "
+    "its figures; a figure of a subset, such as the area of correct predictions, is taken over "
+    "the subset's items in each resample, and resamples without any are dropped).",
     "Kruskal-Wallis: H test (tie-corrected) that the MPS-area distributions of all models are "
     "equal, every explained item of every model.",
     "Friedman: chi-square test on the matched images (explained by every model) of each family "
     "of three or more models.",
     "Pairwise: Wilcoxon signed-rank test (zero differences dropped) of each pair of models on "
     "the matched images, p-values multiplied by the number of pairs (Bonferroni).",
+    f"Hodges-Lehmann (HL): the median of the Walsh averages (d_i + d_j) / 2, i <= j, of the "
+    f"paired differences d, with the {CONFIDENCE:.0%} interval that inverts the signed-rank test "
+    "(Hollander and Wolfe; exact null distribution up to 300 images, normal beyond). Where "
+    "most differences are 0 and the rest one chunk, the median difference is 0 but HL is not.",
     "Effect of being incorrect: OLS of MPS area on an incorrect-prediction indicator with one "
     "fixed effect per model (the mean within-model difference, incorrect minus correct); "
     "classical and image-clustered (CR1) standard errors.",
@@ -47,15 +59,38 @@ DEFINITIONS = [
     "matched images both models classify correctly.",
     "Hausdorff: the largest distance, in pixels, from a pixel of one MPS to the nearest pixel "
     "of the other, both ways; images where either MPS is empty are left out.",
-    "Relevance: the responsibility map minus its minimum (pixels no run credited have none).",
+    "Seeds: every image is explained under the engine's seed s and under s + 1000 (further "
+    "seeds s + 2000, ...); the first seed's MPS is the one of every other table. Neighbouring "
+    "seeds would not do: with rex-xai's random stream seeds s and s + 1 share 19 of 20 runs.",
+    "Noise floor (within-model): the Dice (Hausdorff) of one model's MPSs of the same image "
+    "under two seeds, averaged over seed pairs, over the matched images it classifies "
+    "correctly. Between-model across seeds: model a's MPS under one seed against model b's "
+    "under another, averaged over such pairs (the same seed for both would share the box "
+    "partitions and make the models look more alike than they are).",
+    "Different places: on the images both classify correctly, the between-model Dice across "
+    "seeds is below BOTH models' within-model Dice, each by a one-sided Wilcoxon signed-rank "
+    "test over the images; the pair's p-value is the larger of the two (intersection-union), "
+    "multiplied by the number of pairs (Bonferroni). Hausdorff the same way, above both.",
+    "Relevance (RMA): the responsibility map minus its minimum (pixels no run credited have none).",
+    "Mask share: the object mask's share of the image; the chance level of MPS precision, "
+    "RRA, RMA and the pointing game (what an MPS or ranking unrelated to the object scores).",
     "MPS precision in mask: |MPS n mask| / |MPS| (empty MPSs left out). Mask coverage: "
     "|MPS n mask| / |mask|.",
     "RRA (relevance rank accuracy, Arras et al. 2022): of the K most responsible pixels, K the "
     "mask's size, the share inside the mask (ties as the engine ranks pixels).",
     "RMA (relevance mass accuracy): relevance inside the mask / total relevance.",
     "Pointing game: 1 when the most responsible pixel lies inside the mask, else 0.",
-    "Dual-polarity precision: of the pixels with positive relevance, the share inside the mask "
-    "(1: positive responsibility on the object and none outside).",
+    "Signed relevance: the runs' evidence minus its median over the image, the evidence being "
+    "log r for the multiplicative combination (the sum over runs of log(1 + r_run), up to a "
+    "constant) and r for the additive one. Positive: credited more than the typical pixel; "
+    "negative: less. Not relative to the floor: every pixel is at or above it, so nothing "
+    "would be negative; not on r itself: the top pixels are thousands of times the median "
+    "and the negative side would weigh nothing.",
+    "Dual-polarity precision: (positive signed relevance inside the mask + |negative signed "
+    "relevance| outside) / total |signed relevance|. 1: everything above the median pixel on "
+    "the object and everything below it off it; about 0.5: a map unrelated to the mask; 0: "
+    "the reverse. (Counting the pixels of positive relevance above the floor instead gives "
+    "the mask share whatever the model does: every pixel of a multiplicative map is above it.)",
 ]
 
 
@@ -69,25 +104,35 @@ def write_report(directory: Path, outcomes: list[ModelOutcome], summary: dict[st
 
 
 def _write_records(path: Path, outcomes: list[ModelOutcome]) -> None:
+    """One row per model and item; ``mps_area_fraction_seedS``: the area under further seed S."""
+    other_seeds = outcomes[0].model.seeds[1:] if outcomes else []
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["model", "key", "label", "predicted_class", "correct", "confidence",
-                         "mps_area_fraction", "degenerate", "baseline_class", *LOCALISATION_METRICS])  # fmt: skip
+                         "mps_area_fraction", "degenerate", "baseline_class", *LOCALISATION_METRICS,
+                         *(f"mps_area_fraction_seed{seed}" for seed in other_seeds)])  # fmt: skip
         for outcome in outcomes:
+            shape = outcome.model.shape
             for r in outcome.records:
                 located = [("" if (v := getattr(r, n)) is None else f"{v:.17g}") for n in LOCALISATION_METRICS]  # fmt: skip
+                others = [f"{m.mean():.17g}" for m in r.seed_masks(*shape)[1:]]
                 writer.writerow([outcome.model.name, r.key, r.label, r.predicted_class,
                                  int(r.correct), f"{r.confidence:.17g}", f"{r.mps_area_fraction:.17g}",
-                                 int(r.degenerate), r.baseline_class, *located])  # fmt: skip
+                                 int(r.degenerate), r.baseline_class, *located, *others])  # fmt: skip
 
 
 def _write_masks(path: Path, outcomes: list[ModelOutcome]) -> None:
-    """Per model: ``NAME`` bool [items, H, W] and ``NAME__keys``, in records.csv's order."""
+    """Per model: ``NAME`` bool [items, H, W] (the first seed's MPSs), ``NAME__seedS`` (under
+    each further seed S) and ``NAME__keys``, in records.csv's order."""
     arrays: dict[str, np.ndarray] = {}
     for outcome in outcomes:
         shape = outcome.model.shape
-        masks = [r.mps_mask(*shape) for r in outcome.records]
-        arrays[outcome.model.name] = np.array(masks, dtype=bool).reshape(-1, *shape)
+        per_seed = zip(*(r.seed_masks(*shape) for r in outcome.records), strict=True)
+        for k, (seed, masks) in enumerate(zip(outcome.model.seeds, per_seed, strict=False)):
+            name = outcome.model.name if k == 0 else f"{outcome.model.name}__seed{seed}"
+            arrays[name] = np.array(masks, dtype=bool).reshape(-1, *shape)
+        if not outcome.records:
+            arrays[outcome.model.name] = np.zeros((0, *shape), dtype=bool)
         arrays[f"{outcome.model.name}__keys"] = np.array(
             [r.key for r in outcome.records], dtype=str
         )
@@ -110,10 +155,16 @@ def _plot_violin(path: Path, outcomes: list[ModelOutcome]) -> None:
 
 
 def _matrix(title: str, names: list[str], values: list[list[float | None]],
-            counts: list[list[int]], digits: int) -> list[str]:  # fmt: skip
+            counts: list[list[int]], digits: int,
+            diagonal: list[tuple[float | None, int]] | None = None) -> list[str]:  # fmt: skip
+    """A models x models table; ``diagonal`` (the seed-to-seed noise floor) replaces the
+    trivial self-comparison, marked with an asterisk."""
     lines = [f"| {title} | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for name, row, n in zip(names, values, counts, strict=True):
+    for i, (name, row, n) in enumerate(zip(names, values, counts, strict=True)):
         cells = [f"{number(v, digits)} (n={c})" for v, c in zip(row, n, strict=True)]
+        if diagonal is not None:
+            value, c = diagonal[i]
+            cells[i] = f"{number(value, digits)}* (n={c})"
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -130,12 +181,14 @@ def _baseline(engine: dict[str, Any]) -> str:
 def _markdown(s: dict[str, Any], outcomes: list[ModelOutcome]) -> str:
     names = [m["name"] for m in s["models"]]
     engine = s["engine"]
+    seeds = s.get("seeds") or [engine.get("seed")]
     lines = [
         "# Model audit",
         "",
         f"{len(names)} model(s), {s['n_items']} labelled items ({s['n_matched']} explained by every "
         f"model), significance level {s['level']}; engine: iters {engine.get('iters')}, seed "
-        f"{engine.get('seed')}, chunk {engine.get('chunk_size')}, baseline {_baseline(engine)}."
+        f"{engine.get('seed')}, chunk {engine.get('chunk_size')}, baseline {_baseline(engine)}; "
+        f"MPSs under seeds {', '.join(map(str, seeds))}."
         + (f" Object masks: `{s['masks']}`." if s["masks"] else " No object masks."),
         "",
         "## Ranking",
@@ -144,36 +197,44 @@ def _markdown(s: dict[str, Any], outcomes: list[ModelOutcome]) -> str:
         "",
         *[f"- Note: {note}" for note in s["notes"]],
         "",
-        "## Per model (the paper's Table 1)",
+        f"## Per model (the paper's Table 1; [{CONFIDENCE:.0%} bootstrap interval])",
         "",
         "| model | family | input | items | accuracy | area mean (median) all | correct | incorrect "
         "| degenerate | baseline class (share) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def area(m: dict[str, Any], suffix: str) -> str:
+        return f"{with_ci(m, 'mps_area_mean' + suffix)} ({with_ci(m, 'mps_area_median' + suffix)})"
+
     for m in s["models"]:
         lines.append(
             f"| {m['name']} | {m['family']} | {m['input_size'][0]}x{m['input_size'][1]} | "
-            f"{m['n_items']} ({m['n_incorrect']} wrong) | {number(m['accuracy'])} | "
-            f"{number(m['mps_area_mean'])} ({number(m['mps_area_median'])}) | "
-            f"{number(m['mps_area_mean_correct'])} ({number(m['mps_area_median_correct'])}) | "
-            f"{number(m['mps_area_mean_incorrect'])} ({number(m['mps_area_median_incorrect'])}) | "
-            f"{number(m['degenerate_fraction'])} | {m['baseline_class']} ({number(m['baseline_class_fraction'])}) |"
+            f"{m['n_items']} ({m['n_incorrect']} wrong) | {with_ci(m, 'accuracy')} | "
+            f"{area(m, '')} | {area(m, '_correct')} | {area(m, '_incorrect')} | "
+            f"{with_ci(m, 'degenerate_fraction')} | {m['baseline_class']} "
+            f"({with_ci(m, 'baseline_class_fraction')}) |"
         )
     lines += ["", "![MPS area per model](mps_area_violin.png)", ""]
     if s["masks"]:
         lines += [
-            "## Localisation against the object masks",
+            f"## Localisation against the object masks (means, [{CONFIDENCE:.0%} bootstrap interval])",
             "",
             "| model | " + " | ".join(LOCALISATION_LABELS.values()) + " |",
             "|---" * (len(LOCALISATION_LABELS) + 1) + "|",
             *[
                 f"| {m['name']} | "
-                + " | ".join(f"{number(m[k])} (n={m[f'{k}_n']})" for k in LOCALISATION_LABELS)
+                + " | ".join(f"{with_ci(m, k)} (n={m[f'{k}_n']})" for k in LOCALISATION_LABELS)
                 + " |"
                 for m in s["models"]
             ],
             "",
+            "Chance levels: the mask share for MPS precision, RRA, RMA and the pointing game; "
+            "about 0.5 for dual-polarity precision.",
+            "",
         ]
+    if s.get("noise_floor"):
+        lines += _noise_floor_table(s, seeds)
     if len(names) > 1:
         lines += _across_models(s, names)
     lines += ["## Definitions", "", *[f"- {d}" for d in DEFINITIONS], ""]
@@ -181,6 +242,67 @@ def _markdown(s: dict[str, Any], outcomes: list[ModelOutcome]) -> str:
     if skipped:
         lines += ["## Skipped items", "", *[f"- {n}: `{k}`: {r}" for n, k, r in skipped], ""]
     return "\n".join(lines)
+
+
+def _noise_floor_table(s: dict[str, Any], seeds: list[int]) -> list[str]:
+    lines = [
+        f"## Noise floor: each model's MPSs under seeds {' and '.join(map(str, seeds))}",
+        "",
+        "On the matched images the model classifies correctly; the diagonal (*) of Tables 2 "
+        "and 3 below.",
+        "",
+        "| model | Dice mean [CI] | Dice median | images | Hausdorff px mean [CI] | Hausdorff median | images |",
+        "|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for f in s["noise_floor"]:
+        lines.append(
+            f"| {f['name']} | {with_ci(f, 'dice_mean')} | {number(f['dice_median'])} | "
+            f"{f['dice_n']} | {with_ci(f, 'hausdorff_mean', 2)} | "
+            f"{number(f['hausdorff_median'], 2)} | {f['hausdorff_n']} |"
+        )
+    return [*lines, ""]
+
+
+def _signed(value: float | None, digits: int) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:+.{digits}f}"
+
+
+def _hl(hl: dict[str, Any] | None, digits: int = 4) -> str:
+    """A Hodges-Lehmann estimate and its interval: "+0.0050 [+0.0000, +0.0100]"."""
+    if not hl or hl.get("estimate") is None:
+        return "n/a"
+    low, high = _signed(hl["low"], digits), _signed(hl["high"], digits)
+    return f"{_signed(hl['estimate'], digits)} [{low}, {high}]"
+
+
+def _pairwise_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| pair | images | median difference (a - b) | HL (a - b) [95% CI] | p | p Bonferroni | significant |",
+        "|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for r in rows:
+        lines.append(
+            f"| {r['model_a']} - {r['model_b']} | {r['n_items']} | {_signed(r['median_difference'], 4)} | "
+            f"{_hl(r.get('hodges_lehmann'))} | {p_value(r['p_value'])} | "
+            f"{p_value(r['p_bonferroni'])} | {'yes' if r['significant'] else 'no'} |"
+        )
+    return lines
+
+
+def _location_table(rows: list[dict[str, Any]], what: str, digits: int) -> list[str]:
+    lines = [
+        f"| pair | images | {what} between (across seeds) | within a | within b | "
+        "HL between - within a [CI] | HL between - within b [CI] | p (larger, Bonferroni) | different |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for r in rows:
+        lines.append(
+            f"| {r['model_a']} - {r['model_b']} | {r['n_items']} | {number(r['between_mean'], digits)} | "
+            f"{number(r['within_a_mean'], digits)} | {number(r['within_b_mean'], digits)} | "
+            f"{_hl(r['hodges_lehmann_a'], digits)} | {_hl(r['hodges_lehmann_b'], digits)} | "
+            f"{p_value(r['p_bonferroni'])} | {'yes' if r['different'] else 'no'} |"
+        )
+    return lines
 
 
 def _across_models(s: dict[str, Any], names: list[str]) -> list[str]:
@@ -207,26 +329,32 @@ def _across_models(s: dict[str, Any], names: list[str]) -> list[str]:
            f"clustered by image SE {effect['std_error_clustered']:.4f}, p = "
            f"{p_value(effect['p_value_clustered'])}), {effect['n_observations']} observations.")
     )  # fmt: skip
-    lines += ["", "| pair | images | median difference (a - b) | p | p Bonferroni | significant |",
-              "|---|---|---|---|---|---|"]  # fmt: skip
-    for r in s["pairwise"]:
-        lines.append(
-            f"| {r['model_a']} - {r['model_b']} | {r['n_items']} | {r['median_difference']:+.4f} | "
-            f"{p_value(r['p_value'])} | {p_value(r['p_bonferroni'])} | {'yes' if r['significant'] else 'no'} |"
-        )
-    if s.get("pairwise_rra"):
-        lines += ["", "RRA, pairwise on the same images:", "",
-                  "| pair | images | median difference (a - b) | p Bonferroni | significant |",
-                  "|---|---|---|---|---|"]  # fmt: skip
-        for r in s["pairwise_rra"]:
-            lines.append(
-                f"| {r['model_a']} - {r['model_b']} | {r['n_items']} | {r['median_difference']:+.4f} "
-                f"| {p_value(r['p_bonferroni'])} | {'yes' if r['significant'] else 'no'} |"
-            )
+    lines += ["", "MPS area, pairwise on the same images:", "", *_pairwise_table(s["pairwise"])]
+    for key, what in (
+        ("pairwise_rra", "RRA"),
+        ("pairwise_dual_polarity", "Dual-polarity precision"),
+    ):
+        if s.get(key):
+            lines += ["", f"{what}, pairwise on the same images:", "", *_pairwise_table(s[key])]
     grid = s["overlap_grid"]
-    lines += ["", f"MPS overlap on images both models classify correctly (compared on a "
-              f"{grid[0]}x{grid[1]} grid; n: images in each mean):", ""]  # fmt: skip
-    lines += _matrix("Dice (Table 2)", names, s["dice"], s["dice_items"], 3)
+    floor = s.get("noise_floor")
+    lines += ["", f"MPS overlap on images both models classify correctly, first seed (compared "
+              f"on a {grid[0]}x{grid[1]} grid; n: images in each mean)"
+              + ("; diagonal (*): the same model under two seeds, the noise floor:" if floor
+                 else "; no noise floor with one seed (the diagonal compares a model with itself):"),
+              ""]  # fmt: skip
+    dice_floor = [(f["dice_mean"], f["dice_n"]) for f in floor] if floor else None
+    haus_floor = [(f["hausdorff_mean"], f["hausdorff_n"]) for f in floor] if floor else None
+    lines += _matrix("Dice (Table 2)", names, s["dice"], s["dice_items"], 3, dice_floor)
     lines += [""]
-    lines += _matrix("Hausdorff, px (Table 3)", names, s["hausdorff"], s["hausdorff_items"], 2)
+    lines += _matrix("Hausdorff, px (Table 3)", names, s["hausdorff"], s["hausdorff_items"], 2,
+                     haus_floor)  # fmt: skip
+    tests = s.get("location_tests")
+    if tests:
+        lines += ["", "Different places? Between-model overlap across seeds against both "
+                  "within-model overlaps (one-sided Wilcoxon signed-rank over the images, the "
+                  "larger p of the two, Bonferroni over pairs):", ""]  # fmt: skip
+        lines += _location_table(tests["dice"], "Dice", 3)
+        lines += [""]
+        lines += _location_table(tests["hausdorff"], "Hausdorff px", 2)
     return [*lines, ""]

@@ -1,9 +1,11 @@
 """The audit run: every model's prediction and MPS on the same labelled images.
 
 One resumable JSON-lines cache per model (the calibration run's mechanism, with the masks'
-digest added to the fingerprint). Each record keeps the MPS itself, bit-packed, so that the
-overlap of different models' MPSs can be computed after the run, and the localisation
-metrics against the object mask, which need the responsibility map that is not kept.
+digest and the seeds added to the fingerprint). Each record keeps the MPS itself, bit-packed,
+so that the overlap of different models' MPSs can be computed after the run, the MPSs of the
+same image under the other seeds (the within-model noise floor of that overlap), and the
+localisation metrics against the object mask, which need the responsibility map that is not
+kept.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import base64
 import json
 import operator
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,15 @@ from guard.datasets import Item, LabelledData
 from guard.engine import MpsEngine
 from guard.runtime import MaskedClassifier
 
-AUDIT_FORMAT = 1
+AUDIT_FORMAT = 2
+# The k-th seed of an audit is seed + k * SEED_STEP. Neighbouring seeds would not do: with
+# rex-xai's random stream, seeds s and s + 1 share 19 of 20 runs.
+SEED_STEP = 1000
+
+
+def audit_seeds(seed: int, count: int) -> list[int]:
+    """The seeds an audit explains every image under: the engine's, then one per SEED_STEP."""
+    return [seed + k * SEED_STEP for k in range(count)]
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,10 @@ class AuditRecord:
     rma: float | None = None
     pointing_game: float | None = None
     dual_polarity_precision: float | None = None
+    mask_share: float | None = None
+    # The MPS under each further seed of the audit (seed + k * SEED_STEP, k = 1, 2, ...), packed
+    # as mps_bits; the prediction does not depend on the seed.
+    other_seeds_bits: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Plain Python types (numpy scalars are common), so records serialise and compare.
@@ -57,14 +71,20 @@ class AuditRecord:
             value = getattr(self, name)
             object.__setattr__(self, name, None if value is None else float(value))
         object.__setattr__(self, "degenerate", bool(self.degenerate))
+        object.__setattr__(self, "other_seeds_bits", tuple(map(str, self.other_seeds_bits)))
 
     @property
     def correct(self) -> bool:
         return self.predicted_class == self.label
 
     def mps_mask(self, height: int, width: int) -> np.ndarray:
-        bits = np.frombuffer(base64.b64decode(self.mps_bits), dtype=np.uint8)
-        return np.unpackbits(bits, count=height * width).astype(bool).reshape(height, width)
+        return unpack_mask(self.mps_bits, height, width)
+
+    def seed_masks(self, height: int, width: int) -> list[np.ndarray]:
+        """The MPS under every seed of the audit, the first seed's first."""
+        return [
+            unpack_mask(bits, height, width) for bits in (self.mps_bits, *self.other_seeds_bits)
+        ]
 
     def to_json_line(self) -> str:
         return json.dumps(asdict(self), allow_nan=False, separators=(",", ":"))
@@ -82,19 +102,41 @@ def pack_mask(mask: np.ndarray) -> str:
     return base64.b64encode(np.packbits(mask.ravel()).tobytes()).decode("ascii")
 
 
+def unpack_mask(bits: str, height: int, width: int) -> np.ndarray:
+    packed = np.frombuffer(base64.b64decode(bits), dtype=np.uint8)
+    return np.unpackbits(packed, count=height * width).astype(bool).reshape(height, width)
+
+
 @dataclass
 class AuditModel:
-    """A model under audit: its name in the report, its family label, runtime and engine."""
+    """A model under audit: its name in the report, its family label, runtime and engine, and
+    the engines of the further seeds (the same settings but the seed)."""
 
     name: str
     path: Path
     family: str
     classifier: MaskedClassifier
     engine: MpsEngine
+    other_engines: tuple[MpsEngine, ...] = field(default=())
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.classifier.spec.height, self.classifier.spec.width
+
+    @property
+    def seeds(self) -> list[int]:
+        return [e.settings.seed for e in (self.engine, *self.other_engines)]
+
+
+def seed_engines(
+    classifier: MaskedClassifier, engine: MpsEngine, seeds: int
+) -> tuple[MpsEngine, ...]:
+    """Engines for the audit's further seeds: ``engine``'s settings with seed + k * SEED_STEP,
+    k = 1 .. seeds - 1 (a ConfigError where a seed does not suit the random stream)."""
+    return tuple(
+        MpsEngine(classifier, engine.settings.model_copy(update={"seed": seed}))
+        for seed in audit_seeds(engine.settings.seed, seeds)[1:]
+    )
 
 
 def audit_fingerprint(
@@ -103,6 +145,7 @@ def audit_fingerprint(
     return {
         **fingerprint(model.classifier, model.engine, data),
         "audit_format": AUDIT_FORMAT,
+        "seeds": model.seeds,
         "masks": None if truth is None else {"source": str(truth.source.resolve()), "sha256": truth.digest},
     }  # fmt: skip
 
@@ -121,14 +164,18 @@ def run_model(
     height, width = model.shape
 
     def explain(items: list[Item]) -> list[AuditRecord]:
-        results = model.engine.explain_batch(np.stack([item.tensor for item in items]))
+        images = np.stack([item.tensor for item in items])
+        results = model.engine.explain_batch(images)
+        others = [engine.explain_batch(images) for engine in model.other_engines]
+        combination = model.engine.settings.combination
         records = []
-        for item, mps in zip(items, results, strict=True):
+        for i, (item, mps) in enumerate(zip(items, results, strict=True)):
             located = (
-                localisation(mps.mps_mask, mps.responsibility, truth.mask(item.key, height, width))
+                localisation(mps.mps_mask, mps.responsibility,
+                             truth.mask(item.key, height, width), combination)
                 if truth is not None
                 else {}
-            )
+            )  # fmt: skip
             records.append(
                 AuditRecord(
                     key=item.key,
@@ -139,6 +186,7 @@ def run_model(
                     degenerate=mps.degenerate,
                     baseline_class=mps.baseline_class,
                     mps_bits=pack_mask(mps.mps_mask),
+                    other_seeds_bits=tuple(pack_mask(other[i].mps_mask) for other in others),
                     **located,
                 )  # fmt: skip
             )

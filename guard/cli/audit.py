@@ -47,6 +47,12 @@ FamiliesOpt = Annotated[
                 "within each family of three or more (default: one family of all)"),
 ]  # fmt: skip
 LevelOpt = Annotated[float, Option(help="significance level of the tests")]
+SeedsOpt = Annotated[
+    int,
+    Option(help="explain every image under this many seeds (--seed, then + 1000 each): the "
+                "second measures each model's seed-to-seed MPS overlap, the noise floor that "
+                "tells whether two models look at different places; 1 skips it (half the time)"),
+]  # fmt: skip
 RestartOpt = Annotated[
     bool, Option(help="ignore the cached results of an earlier run and start over")
 ]
@@ -63,6 +69,7 @@ def audit(
     name: NamesOpt = None,
     family: FamiliesOpt = None,
     level: LevelOpt = 0.05,
+    seeds: SeedsOpt = 2,
     batch_items: BatchItemsOpt = 8,
     restart: RestartOpt = False,
     *,
@@ -74,12 +81,14 @@ def audit(
     Per-item results are cached per model under REPORT/cache/ as they are computed; re-running
     the same command after an interruption resumes where it stopped. With one model only the
     per-model tables are written and the comparisons are left out (the report says so).
+    With --seeds 2 (the default) every image is also explained under seed + 1000, so the
+    report can set each model's seed-to-seed overlap beside the overlap between models.
     """
     from guard.audit.masks import open_ground_truth
     from guard.audit.report import write_report
 
-    names, families = _validate(model, name, family, level, batch_items)
-    audited, data_sets = _load(model, names, families, data, options)
+    names, families = _validate(model, name, family, level, batch_items, seeds)
+    audited, data_sets = _load(model, names, families, data, options, seeds)
     truth = open_ground_truth(masks, data, data_sets[0].keys)
     outcomes = _run(audited, data_sets, truth, report, batch_items=batch_items, restart=restart)
     _report_skipped(outcomes)
@@ -94,6 +103,7 @@ def _validate(
     family: list[str] | None,
     level: float,
     batch_items: int,
+    seeds: int,
 ) -> tuple[list[str], list[str]]:
     """The models' names and families, once every option is known to be usable."""
     names = name or [path.stem for path in models]
@@ -112,14 +122,22 @@ def _validate(
         raise fatal(f"--level must lie strictly between 0 and 1, not {level}")
     if batch_items < 1:
         raise fatal(f"--batch-items must be at least 1, not {batch_items}")
+    if seeds < 1:
+        raise fatal(f"--seeds must be at least 1, not {seeds}")
     return names, families
 
 
 def _load(
-    models: list[Path], names: list[str], families: list[str], data: Path, options: RuntimeOptions
+    models: list[Path],
+    names: list[str],
+    families: list[str],
+    data: Path,
+    options: RuntimeOptions,
+    seeds: int,
 ) -> tuple[list[AuditModel], list[LabelledData]]:
-    """Every model with the same options, and the data as each one reads it."""
-    from guard.audit.run import AuditModel
+    """Every model with the same options (and an engine per further seed), and the data as
+    each one reads it."""
+    from guard.audit.run import AuditModel, seed_engines
     from guard.datasets import open_labelled_data
 
     audited, data_sets = [], []
@@ -128,8 +146,9 @@ def _load(
         # Each model reads the data at its own input size (image files are resized to it).
         data_sets.append(open_labelled_data(data, runtime.classifier.spec, runtime.preprocessing,
                                             runtime.class_names))  # fmt: skip
+        others = seed_engines(runtime.classifier, runtime.engine, seeds)
         audited.append(
-            AuditModel(model_name, path, model_family, runtime.classifier, runtime.engine)
+            AuditModel(model_name, path, model_family, runtime.classifier, runtime.engine, others)
         )
     classes_seen = {len(d.class_names) for d in data_sets}
     if len(classes_seen) > 1:
@@ -200,12 +219,19 @@ def _summarise(
 
 
 def _print_summary(summary: dict[str, Any], report: Path) -> None:
+    from guard.audit.summary import with_ci
+
+    floors = {f["name"]: f for f in summary.get("noise_floor") or []}
     for m in summary["models"]:
         located = (
-            f", RRA {number(m['rra'])}, pointing game {number(m['pointing_game'])}"
+            f", RRA {number(m['rra'])}, pointing game {number(m['pointing_game'])}, "
+            f"dual-polarity precision {with_ci(m, 'dual_polarity_precision')} (mask share "
+            f"{number(m['mask_share'])})"
             if summary["masks"]
             else ""
         )
+        if m["name"] in floors:
+            located += f", seed-to-seed Dice {with_ci(floors[m['name']], 'dice_mean')}"
         out_console.print(
             f"{m['name']}: accuracy {number(m['accuracy'])}, MPS area mean "
             f"{number(m['mps_area_mean'])} (correct {number(m['mps_area_mean_correct'])}, "
