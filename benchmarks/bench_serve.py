@@ -4,9 +4,15 @@ For each configuration (sync/async x shared model calls on/off) it starts ``guar
 the demo model as a child process, warms it up, then runs 1, 4 and 16 concurrent clients for
 a fixed duration each, every client sending one-item ModelInfer requests (held-out digits)
 back to back. It reports requests per second, p50/p99 latency, errors, checks completed per
-second (from the server's own metrics), and the server's resident memory before and after.
+second (from the server's own metrics), model evaluations per request, and the server's
+resident memory before and after.
+
+``--compare-explain`` instead measures what ``--explain flagged`` saves against ``--explain
+all`` (sync mode, model-call sharing at its default, every request checked), side by side in
+one run, at 1 and 4 clients unless ``--clients`` says otherwise.
 
     python benchmarks/bench_serve.py [--duration 10] [--provider cuda] [--json out.json]
+    python benchmarks/bench_serve.py --compare-explain [--duration 10]
 """
 
 from __future__ import annotations
@@ -40,19 +46,22 @@ from tests.serving import (  # noqa: E402
 
 MODEL = "digits_cnn"
 CONFIGS = [("sync", True), ("sync", False), ("async", True), ("async", False)]
+EXPLAIN_MODES = ("all", "flagged")
 
 
 @dataclass
 class Row:
     provider: str
     mode: str
-    shared: bool
+    shared: bool | None  # None: the default (on with CUDA, off on CPU)
+    explain: str
     clients: int
     requests_per_s: float
     p50_ms: float
     p99_ms: float
     errors: int
     checks_per_s: float
+    evaluations_per_request: float
     skipped: int
     rss_before_mb: float
     rss_after_mb: float
@@ -117,12 +126,18 @@ def drive(port: int, input_name: str, images: np.ndarray, clients: int, duration
 
 
 def bench_config(
-    mode: str, shared: bool, levels: list[int], duration: float, provider: str
+    mode: str,
+    shared: bool | None,
+    levels: list[int],
+    duration: float,
+    provider: str,
+    explain: str = "all",
 ) -> list[Row]:
     x = np.load(demo.DEMO_HELDOUT, allow_pickle=False)["x"][:200]
+    sharing = [] if shared is None else ["--share-model-calls" if shared else "--no-share-model-calls"]  # fmt: skip
     server = ServeProcess(
         "--port", "0", "--metrics-port", "0", "--mode", mode, "--no-log-verdicts",
-        "--share-model-calls" if shared else "--no-share-model-calls", "--provider", provider,
+        *sharing, "--provider", provider, "--explain", explain,
     )  # fmt: skip
     rows = []
     try:
@@ -136,6 +151,7 @@ def bench_config(
         for clients in levels:
             metrics = before = scrape(server.metrics_port)
             checked0 = value(metrics, "guard_checked_predictions_total", 0.0, model=MODEL)
+            evaluations0 = value(metrics, "guard_model_evaluations_total", 0.0, model=MODEL)
             skipped0 = value(
                 metrics, "guard_skipped_checks_total", model=MODEL, reason="queue_full"
             )
@@ -148,24 +164,30 @@ def bench_config(
             metrics = scrape(server.metrics_port)
             checked = value(metrics, "guard_checked_predictions_total", 0.0, model=MODEL) - checked0
             skipped = value(metrics, "guard_skipped_checks_total", model=MODEL, reason="queue_full")
+            evaluations = (
+                value(metrics, "guard_model_evaluations_total", 0.0, model=MODEL) - evaluations0
+            )
             rows.append(
                 Row(
                     provider=running,
                     mode=mode,
                     shared=shared,
+                    explain=explain,
                     clients=clients,
                     requests_per_s=len(latencies) / duration,
                     p50_ms=float(np.percentile(latencies, 50) * 1000) if len(latencies) else 0,
                     p99_ms=float(np.percentile(latencies, 99) * 1000) if len(latencies) else 0,
                     errors=errors,
                     checks_per_s=checked / checking_seconds,
+                    evaluations_per_request=evaluations / max(len(latencies), 1),
                     skipped=int(skipped - skipped0),
                     rss_before_mb=rss_before,
                     rss_after_mb=rss_mb(server.process.pid),
                 )
             )
             print(
-                f"  {mode:5} shared={shared!s:5} clients={clients:2}: {rows[-1].requests_per_s:7.1f} req/s",
+                f"  {mode:5} shared={shared!s:5} explain={explain:7} clients={clients:2}: "
+                f"{rows[-1].requests_per_s:7.1f} req/s",
                 file=sys.stderr,
             )
     finally:
@@ -176,14 +198,37 @@ def bench_config(
 
 def table(rows: list[Row]) -> str:
     lines = [
-        "| mode | shared calls | clients | req/s | p50 ms | p99 ms | errors | checks/s | skipped | RSS MB before -> after |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| mode | shared calls | explain | clients | req/s | p50 ms | p99 ms | errors | checks/s | evaluations / request | skipped | RSS MB before -> after |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
+        shared = "default" if r.shared is None else "yes" if r.shared else "no"
         lines.append(
-            f"| {r.mode} | {'yes' if r.shared else 'no'} | {r.clients} | {r.requests_per_s:.1f} | "
-            f"{r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.errors} | {r.checks_per_s:.1f} | {r.skipped} | "
+            f"| {r.mode} | {shared} | {r.explain} | {r.clients} | {r.requests_per_s:.1f} | "
+            f"{r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.errors} | {r.checks_per_s:.1f} | "
+            f"{r.evaluations_per_request:.0f} | {r.skipped} | "
             f"{r.rss_before_mb:.0f} -> {r.rss_after_mb:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def explain_table(rows: list[Row]) -> str:
+    """``--explain flagged`` beside ``--explain all``, per client count, from the same run."""
+    by = {(r.explain, r.clients): r for r in rows}
+    lines = [
+        "| clients | checked req/s, all | checked req/s, flagged | flagged / all | p99 ms, all "
+        "| p99 ms, flagged | evaluations / request, all | evaluations / request, flagged |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for clients in sorted({r.clients for r in rows}):
+        a, f = by.get(("all", clients)), by.get(("flagged", clients))
+        if a is None or f is None:
+            continue
+        gain = f"{f.requests_per_s / a.requests_per_s:.1f}x" if a.requests_per_s else "-"
+        lines.append(
+            f"| {clients} | {a.requests_per_s:.1f} | {f.requests_per_s:.1f} | {gain} | "
+            f"{a.p99_ms:.1f} | {f.p99_ms:.1f} | {a.evaluations_per_request:.0f} | "
+            f"{f.evaluations_per_request:.0f} |"
         )
     return "\n".join(lines)
 
@@ -209,16 +254,32 @@ def ratios(rows: list[Row]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per level")
-    parser.add_argument("--clients", default="1,4,16", help="concurrency levels")
+    parser.add_argument(
+        "--clients", help="concurrency levels (default 1,4,16; 1,4 with --compare-explain)"
+    )
     parser.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument(
+        "--compare-explain",
+        action="store_true",
+        help="--explain flagged against --explain all (sync, default sharing) instead",
+    )
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
-    levels = [int(c) for c in args.clients.split(",")]
-    rows = [
-        row
-        for mode, shared in CONFIGS
-        for row in bench_config(mode, shared, levels, args.duration, args.provider)
+    levels = [
+        int(c) for c in (args.clients or ("1,4" if args.compare_explain else "1,4,16")).split(",")
     ]
+    if args.compare_explain:
+        rows = [
+            row
+            for explain in EXPLAIN_MODES
+            for row in bench_config("sync", None, levels, args.duration, args.provider, explain)
+        ]
+    else:
+        rows = [
+            row
+            for mode, shared in CONFIGS
+            for row in bench_config(mode, shared, levels, args.duration, args.provider)
+        ]
     providers = ", ".join(sorted({r.provider for r in rows}))
     print(
         f"Sidecar load test: demo model on {providers}, {args.duration:g} s per level, "
@@ -227,7 +288,7 @@ def main() -> None:
     print()
     print(table(rows))
     print()
-    print(ratios(rows))
+    print(explain_table(rows) if args.compare_explain else ratios(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))

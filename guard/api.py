@@ -90,7 +90,7 @@ class Guard:
                 return []
             batch = np.stack(items)
         prediction = self.model.predict(batch)
-        return self.model.check(batch, prediction.confidences, prediction.margins)
+        return self.model.check(batch, prediction)
 
     def _model_input(self, image: Image) -> np.ndarray:
         if isinstance(image, bytes):

@@ -188,7 +188,16 @@ def test_dashboard_is_valid_json_with_a_sound_layout() -> None:
             refs = [t["refId"] for t in panel["targets"]]
             assert len(refs) == len(set(refs)), panel["title"]
     titles = " ".join(panel["title"].lower() for panel in panels)
-    for topic in ("requests", "flag rate", "alpha", "mps-area", "drift", "latency", "queue"):
+    for topic in (
+        "requests",
+        "flag rate",
+        "alpha",
+        "mps-area",
+        "drift",
+        "latency",
+        "queue",
+        "martingale",
+    ):
         assert topic in titles
 
 

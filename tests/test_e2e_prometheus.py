@@ -1,7 +1,8 @@
 """End to end: ``guard serve`` on the demo model and a real Prometheus (Debian's package)
 scraping it over loopback every second, with deploy/prometheus's rules loaded. Traffic with
-inputs the guard flags (blank images) drives the flag-rate alert; everything is read back
-through Prometheus's HTTP API.
+inputs the guard flags (blank images) drives the flag-rate alert and, being unlike the
+calibration data, the exchangeability martingale's; everything is read back through
+Prometheus's HTTP API.
 
 The project's alerts wait minutes (``for:``) before firing, so they are checked as pending;
 a copy of them with ``for: 2s`` (label copy="e2e") is loaded beside them to see them fire.
@@ -192,7 +193,8 @@ def test_guard_metrics_rules_and_alerts_in_a_real_prometheus(
 
     # Ingested: the guard's series, with the served model's facts.
     (info,) = prometheus.query(f'guard_model_info{{model="{MODEL}"}}')
-    assert info["metric"]["score_kind"] == "combined" and info["metric"]["mode"] == "sync"
+    calibrated = json.loads(demo.DEMO_CALIBRATION.read_text())["detector"]["score"]["kind"]
+    assert info["metric"]["score_kind"] == calibrated and info["metric"]["mode"] == "sync"
     assert info["metric"]["provider"].endswith("ExecutionProvider")
     checked = float(prometheus.query("sum(guard_checked_predictions_total)")[0]["value"][1])
     flagged = float(prometheus.query("sum(guard_flagged_predictions_total)")[0]["value"][1])
@@ -228,6 +230,19 @@ def test_guard_metrics_rules_and_alerts_in_a_real_prometheus(
     for quiet in ("GuardErrorRatioHigh", "GuardChecksSkipped", "GuardTargetDown"):
         assert prometheus.alert_state(quiet, copy=True) == "inactive", quiet
 
+    # Half the traffic is blank: not exchangeable with the calibration data. The martingale
+    # passes 1/delta = 20 and the exchangeability alert follows (pending with its for: 10m).
+    wait_until(
+        lambda: prometheus.alert_state("GuardCalibrationNotExchangeable", copy=True) == "firing",
+        20,
+        "GuardCalibrationNotExchangeable (for: 2s copy) to fire",
+    )
+    (martingale,) = recorded(f'model:guard_calibration_martingale:avg{{model="{MODEL}"}}').values()
+    assert martingale >= 20
+    assert prometheus.alert_state("GuardCalibrationNotExchangeable") == "pending"
+    (alert,) = prometheus.alerts("GuardCalibrationNotExchangeable", copy=True)
+    assert "false-alarm guarantee no longer holds" in alert["annotations"]["description"]
+
     # Every dashboard query runs on the real series and shows data.
     for panel, expr in dashboard_queries().items():
         assert prometheus.query(expr), f"{panel} shows no data: {expr}"
@@ -253,5 +268,6 @@ def test_guard_metrics_rules_and_alerts_in_a_real_prometheus(
     assert prometheus.alert_state("GuardTargetDown") == "pending"
     print(
         f"\ne2e: GuardFlagRateHigh (for: 2s) firing {fired_after:.1f} s after the first "
-        f"request; whole run {time.monotonic() - started:.1f} s; flag rate {flag_rate:.2f}"
+        f"request; whole run {time.monotonic() - started:.1f} s; flag rate {flag_rate:.2f}; "
+        f"martingale {martingale:.3g}"
     )

@@ -7,6 +7,16 @@ No protobuf here: requests arrive as numpy arrays, answers leave as dataclasses,
 ``async`` mode the answer carries the prediction only and the items wait in a bounded
 background queue (dropped and counted when it is full: the request path never blocks on it),
 whose verdicts reach the metrics and the JSON verdict log.
+
+With ``explain="flagged"`` and a score that reads no MPS feature, an inference request's MPSs
+are computed only for the predictions the score flags and for a random ``explain_sample_rate``
+share of all checked ones, drawn before and independently of the verdict; the MPS-area
+histogram and drift use only that random share, so they stay unbiased estimates of the
+served MPS areas. ``Explain`` always computes the MPS.
+
+Each served model's exchangeability martingale (guard.verdict.martingale) takes the score of
+every prediction checked for an inference request: ``Explain`` requests are looks on demand,
+often at predictions already flagged, and would bias it.
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,6 +41,7 @@ from guard.service.drift import DriftMonitor
 from guard.service.guarded_model import VERSION, Check, GuardedModel, ModelMetadata
 from guard.service.metrics import GuardMetrics
 from guard.service.settings import ServeSettings
+from guard.verdict.martingale import ExchangeabilityMartingale
 
 log = logging.getLogger(__name__)
 verdict_log = logging.getLogger("guard.verdicts")
@@ -63,8 +74,7 @@ class _Pending:
     request_id: str
     item: int
     image: np.ndarray
-    confidence: float
-    margin: float
+    prediction: Prediction  # the item's own row of the request's prediction
 
 
 class _Served:
@@ -74,6 +84,26 @@ class _Served:
         self.model = model
         reference = model.calibration.area_reference
         self.drift = DriftMonitor(reference, settings.drift_window) if reference else None
+        scores = model.calibration.detector.exchangeability_reference
+        # A fixed seed: the martingale's tie-breaking draws are independent of the scores
+        # either way, and a replayed stream gives the same values.
+        self.martingale = ExchangeabilityMartingale(scores, seed=0) if scores else None
+        if self.martingale is None:
+            log.warning(
+                "the calibration of %s holds no exchangeability reference (made by an older "
+                "guard calibrate): guard_calibration_martingale is not exported for it; "
+                "re-run guard calibrate to monitor it",
+                model.name,
+            )
+        # Explain only what the score flags (and a random share) where the score needs no MPS.
+        self.only_flagged = settings.explain == "flagged" and not model.needs_mps
+        if settings.explain == "flagged" and model.needs_mps:
+            log.info(
+                "explain flagged computes every MPS of %s all the same: its %s score reads "
+                "MPS features",
+                model.name,
+                model.calibration.detector.score_kind,
+            )
         explain_batch = model.engine.explain_batch
         on_batch = metrics.shared_batch.labels(model=model.name).observe
         self.shared = (
@@ -141,6 +171,7 @@ class DataPlane:
                 drift=served.drift,
                 area_reference=model.calibration.area_reference,
                 queue_depth=served.background.depth if served.background else None,
+                martingale=_reader(served.martingale),
             )
 
     # -- lookup -------------------------------------------------------------------------------
@@ -211,8 +242,7 @@ class DataPlane:
                     request_id,
                     i,
                     images[i].copy(),  # not a view that keeps the whole request alive
-                    float(prediction.confidences[i]),
-                    float(prediction.margins[i]),
+                    _rows(prediction, [i]),
                 )
                 status[i] = "queued" if served.background.submit(pending) else "queue_full"
                 if status[i] == "queue_full":
@@ -221,11 +251,11 @@ class DataPlane:
             found = self._check(
                 served,
                 images[chosen],
-                prediction.confidences[chosen],
-                prediction.margins[chosen],
+                _rows(prediction, chosen),
                 request_ids=[request_id] * len(chosen),
                 items=chosen,
                 deadline=deadline,
+                inference=True,
             )
             for i, check in zip(chosen, found, strict=True):
                 status[i], checks[i] = "checked", check
@@ -247,13 +277,7 @@ class DataPlane:
         images = (served.model.decode(image) if isinstance(image, bytes) else image)[None]
         prediction, predicted = self._predict(served, images, started)
         (check,) = self._check(
-            served,
-            images,
-            prediction.confidences,
-            prediction.margins,
-            request_ids=[request_id],
-            items=[0],
-            deadline=deadline,
+            served, images, prediction, request_ids=[request_id], items=[0], deadline=deadline
         )
         return check, self._finish(served, started, predicted)
 
@@ -298,37 +322,51 @@ class DataPlane:
         self,
         served: _Served,
         images: np.ndarray,
-        confidences: np.ndarray,
-        margins: np.ndarray,
+        prediction: Prediction,
         *,
         request_ids: Sequence[str],
         items: Sequence[int],
         deadline: float | None,
+        inference: bool = False,
     ) -> list[Check]:
-        """The checks of items already predicted, counted and logged."""
+        """The checks of items already predicted, counted and logged. ``inference``: items of
+        inference requests, whose MPSs follow ``explain`` and whose scores feed the
+        martingale; otherwise (``Explain``) every MPS is computed."""
         name = served.model.name
         started = time.perf_counter()
+        only_flagged = inference and served.only_flagged
+        sampled = None
+        if only_flagged:
+            rate = self.settings.explain_sample_rate
+            sampled = np.array([self._sampler.random() < rate for _ in range(len(images))])
         try:
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceededError("the deadline passed before the MPS could be computed")
             checks = served.model.check(
-                images, confidences, margins, deadline=deadline, explain=served.explain
+                images,
+                prediction,
+                deadline=deadline,
+                explain=served.explain,
+                only_flagged=only_flagged,
+                sampled=sampled,
             )
         except DeadlineExceededError:
             self.metrics.skipped.labels(name, "deadline").inc(len(images))
             raise
         self._count(served, checks, time.perf_counter() - started, request_ids, items)
+        if inference and served.martingale is not None:
+            served.martingale.update([check.score for check in checks])
         return checks
 
     def _check_background(self, served: _Served, batch: Sequence[_Pending]) -> None:
         self._check(
             served,
             np.stack([p.image for p in batch]),
-            np.array([p.confidence for p in batch]),
-            np.array([p.margin for p in batch]),
+            _joined([p.prediction for p in batch]),
             request_ids=[p.request_id for p in batch],
             items=[p.item for p in batch],
             deadline=None,
+            inference=True,
         )
 
     def _count(
@@ -342,15 +380,48 @@ class DataPlane:
         name, m = served.model.name, self.metrics
         m.stage_seconds.labels(model=name, stage="explain").observe(seconds)
         m.checked.labels(model=name).inc(len(checks))
+        # MPS areas of an unbiased sample only: not those computed because the score flagged.
+        areas = [c.mps_area_fraction for c in checks if c.representative]
         for check in checks:
-            m.mps_area.labels(model=name).observe(check.mps_area_fraction)
             if check.flagged:
                 m.flagged.labels(model=name, reason=check.reason).inc()
-        if served.drift is not None:
-            served.drift.add([c.mps_area_fraction for c in checks])
+        for area in areas:
+            m.mps_area.labels(model=name).observe(area)
+        if served.drift is not None and areas:
+            served.drift.add(areas)
         if self.settings.log_verdicts and verdict_log.isEnabledFor(logging.INFO):
             for request_id, item, check in zip(request_ids, items, checks, strict=True):
                 verdict_log.info(json.dumps(_verdict_record(name, request_id, item, check)))
+
+
+def _rows(prediction: Prediction, rows: Sequence[int]) -> Prediction:
+    """Some items of a prediction (copies)."""
+    index = np.asarray(rows, dtype=np.int64)
+    return Prediction(
+        scores=prediction.scores[index],
+        classes=prediction.classes[index],
+        confidences=prediction.confidences[index],
+        margins=prediction.margins[index],
+    )
+
+
+def _joined(parts: Sequence[Prediction]) -> Prediction:
+    """Predictions of several requests' items as one batch."""
+    return Prediction(
+        scores=np.concatenate([p.scores for p in parts]),
+        classes=np.concatenate([p.classes for p in parts]),
+        confidences=np.concatenate([p.confidences for p in parts]),
+        margins=np.concatenate([p.margins for p in parts]),
+    )
+
+
+def _reader(martingale: ExchangeabilityMartingale | None) -> Callable[[], float] | None:
+    """The martingale's value, read at scrape time (None: no martingale, no series)."""
+    return None if martingale is None else lambda: martingale.value
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
 
 
 def _verdict_record(model: str, request_id: str, item: int, check: Check) -> dict[str, object]:
@@ -362,10 +433,17 @@ def _verdict_record(model: str, request_id: str, item: int, check: Check) -> dic
         "predicted_class": check.predicted_class,
         "predicted_name": check.predicted_name,
         "confidence": round(check.confidence, 6),
-        "mps_area_fraction": round(check.mps_area_fraction, 6),
+        "mps_area_fraction": _rounded(check.mps_area_fraction),
         "degenerate": check.degenerate,
+        "explained": check.explained,
+        "model_evaluations": check.model_evaluations,
         "score": round(check.score, 6),
         "p_value": round(check.p_value, 6),
         "flagged": check.flagged,
         "reason": check.reason,
+        "evidence": [
+            {"feature": term, "contribution": round(contribution, 6)}
+            for term, contribution in check.evidence
+        ],
+        "features": {name: round(v, 6) for name, v in check.features.items()},
     }

@@ -1,20 +1,36 @@
 """A guarded model: the classifier, its one MPS engine and its calibration, checked to belong
-together; it predicts, and checks predictions (MPS, score, verdict) into ``Check``s."""
+together; it predicts, and checks predictions (features, score, verdict, MPS) into ``Check``s.
+
+A check computes exactly the evidence groups (guard.evidence) its calibrated detector reads:
+none beyond the prediction for a confidence score, the MPS and the groups its terms name for
+an MPS-using one (``feature_groups``).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import ValidationError
 
 from guard.engine import MpsEngine, MpsResult
 from guard.errors import ConfigError, ModelLoadError
+from guard.evidence import (
+    FEATURE_GROUPS,
+    MPS_GROUPS,
+    STABILITY_SEED_OFFSET,
+    baselines_for,
+    confidence_features,
+    extra_evaluations,
+    mps_features,
+    stability_features,
+)
 from guard.preprocess import Preprocessing, input_from_bytes, load_input
 from guard.runtime import MaskedClassifier, ModelSpec
 from guard.runtime.classifier import Prediction
@@ -33,24 +49,57 @@ _PERFORMANCE_ONLY = frozenset({"max_batch_size", "extraction_batch"})
 ModelCallHook = Callable[[int, int], None]
 # (images, deadline) -> their MPSs: the engine's explain_batch, or a queue in front of it.
 Explain = Callable[[np.ndarray, float | None], list[MpsResult]]
+# Why a check has its MPS: every check gets one ("always"), or, where only flagged predictions
+# are explained, it was in the random sample ("sample"), or flagged ("flagged"); or none.
+Explained = Literal["always", "sample", "flagged", "none"]
+
+# Per-prediction columns every check has from the prediction itself, as calibration records
+# them (guard.calibration.records.feature_table): the model's own top-1 probability, margin
+# and class. ``mps_area_fraction`` comes with the MPS itself, every other feature from a group.
+_PREDICTION_COLUMNS = frozenset({"msp", "margin", "predicted_class"})
+_MPS_AREA = "mps_area_fraction"
+
+
+def feature_groups(features: Collection[str]) -> tuple[str, ...]:
+    """The evidence groups (``FEATURE_GROUPS`` order) that compute ``features`` beyond the
+    prediction's own columns; ``ConfigError`` naming any feature no group computes."""
+    owner = {name: group for group, names in FEATURE_GROUPS.items() for name in names}
+    unknown = sorted(set(features) - set(owner) - _PREDICTION_COLUMNS - {_MPS_AREA})
+    if unknown:
+        raise ConfigError(
+            f"the calibrated score reads features this guard cannot compute: {', '.join(unknown)}"
+        )
+    needed = {owner[name] for name in features if name in owner and name not in _PREDICTION_COLUMNS}
+    return tuple(group for group in FEATURE_GROUPS if group in needed)
 
 
 @dataclass(frozen=True)
 class Check:
-    """The guard's verdict on one prediction, with the MPS it rests on."""
+    """The guard's verdict on one prediction, its evidence, and the MPS (where computed)."""
 
     predicted_class: int
     predicted_name: str
     confidence: float
-    mps_area_fraction: float
-    degenerate: bool
+    mps_area_fraction: float | None  # None: no MPS was computed (``explained`` "none")
+    degenerate: bool | None
     score: float
     p_value: float
     flagged: bool
     reason: str
-    model_evaluations: int
+    model_evaluations: int  # spent on this item's MPS and MPS features (0 without an MPS)
     model_calls: int
-    mps_mask: np.ndarray  # bool [H, W]
+    mps_mask: np.ndarray | None  # bool [H, W]
+    # The score's terms that pushed it up most, largest first: (term, contribution).
+    evidence: tuple[tuple[str, float], ...] = ()
+    # The value of every feature the score read (the predicted class aside: a field above).
+    features: Mapping[str, float] = field(default_factory=dict)
+    explained: Explained = "always"
+
+    @property
+    def representative(self) -> bool:
+        """Whether this check's MPS is one of an unbiased sample of the checked predictions
+        (every check's, or a random share's), which MPS-area statistics may use."""
+        return self.explained in ("always", "sample")
 
 
 @dataclass(frozen=True)
@@ -88,6 +137,22 @@ class _CheckedInputs:
         self._on_model_call(self._classifier.model_calls(len(masks)), len(masks))
         return answer
 
+    def class_probabilities(
+        self,
+        images: np.ndarray,
+        baselines: np.ndarray,
+        masks: np.ndarray,
+        image_index: np.ndarray,
+        classes: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The MPS features' extra evaluations (guard.evidence.mps_features), counted too."""
+        answer = self._classifier.class_probabilities(
+            images, baselines, masks, image_index, classes
+        )
+        if len(masks):
+            self._on_model_call(self._classifier.model_calls(len(masks)), len(masks))
+        return answer
+
     def model_calls(self, mutants: int) -> int:
         return self._classifier.model_calls(mutants)
 
@@ -118,9 +183,24 @@ class GuardedModel:
         self.classifier = classifier
         self.calibration = calibration
         self.preprocessing = preprocessing
-        self.engine = MpsEngine(
-            _CheckedInputs(classifier, on_model_call or _uncounted), engine_settings
+        self._inputs = _CheckedInputs(classifier, on_model_call or _uncounted)
+        self.engine = MpsEngine(self._inputs, engine_settings)
+        detector = calibration.detector
+        self.feature_groups = feature_groups(detector.features)
+        self.needs_mps = detector.needs_mps
+        # The stability features compare the MPS with a second seed's.
+        self._second_engine = (
+            MpsEngine(
+                self._inputs,
+                engine_settings.model_copy(
+                    update={"seed": engine_settings.seed + STABILITY_SEED_OFFSET}
+                ),
+            )
+            if "stability" in self.feature_groups
+            else None
         )
+        self._mps_groups = [group for group in MPS_GROUPS if group in self.feature_groups]
+        self._extra_evaluations = extra_evaluations(self._mps_groups)
         spec = classifier.spec
         self.metadata = ModelMetadata(
             name=name,
@@ -239,48 +319,112 @@ class GuardedModel:
     def check(
         self,
         images: np.ndarray,
-        confidences: np.ndarray,
-        margins: np.ndarray,
+        prediction: Prediction,
         *,
         deadline: float | None = None,
         explain: Explain | None = None,
+        only_flagged: bool = False,
+        sampled: np.ndarray | None = None,
     ) -> list[Check]:
-        """Checks of items already predicted: their MPSs, scored against the calibration.
+        """Checks of items already predicted (``prediction`` is ``predict``'s for ``images``):
+        the features the calibrated detector reads, its verdict, and the MPS.
 
-        ``confidences`` and ``margins`` are the prediction's; ``explain`` computes the MPSs
-        (default: this model's engine, on the caller's thread); ``deadline`` is a
-        ``time.monotonic()`` instant after which ``DeadlineExceededError`` ends the work.
+        ``explain`` computes the MPSs (default: this model's engine, on the caller's thread);
+        ``deadline`` is a ``time.monotonic()`` instant after which ``DeadlineExceededError``
+        ends the work. Every item's MPS is computed, unless ``only_flagged`` and the detector
+        reads no MPS feature: then the verdict comes first, from the prediction alone, and the
+        MPS is computed only for the items it flags and those ``sampled`` (bool [M], drawn by
+        the caller independently of the verdict); the other checks carry no MPS.
         """
-        results = (explain or self.engine.explain_batch)(images, deadline)
-        return self.verdicts(results, confidences, margins)
-
-    def verdicts(
-        self, results: Sequence[MpsResult], confidences: np.ndarray, margins: np.ndarray
-    ) -> list[Check]:
-        """The checks of explained predictions (confidence and margin from the prediction)."""
-        scored = self.calibration.detector.evaluate(
-            mps_area_fraction=[r.mps_area_fraction for r in results],
-            confidence=confidences,
-            predicted_class=[r.predicted_class for r in results],
-            margin=margins,
-        )
-        return [
-            Check(
-                predicted_class=r.predicted_class,
-                predicted_name=self.class_name(r.predicted_class),
-                confidence=float(confidences[k]),
-                mps_area_fraction=r.mps_area_fraction,
-                degenerate=r.degenerate,
-                score=float(scored.score[k]),
-                p_value=float(scored.p_value[k]),
-                flagged=bool(scored.flagged[k]),
-                reason=str(scored.reason[k]),
-                model_evaluations=r.model_evaluations,
-                model_calls=r.model_calls,
-                mps_mask=r.mps_mask,
+        count = len(images)
+        if count == 0:
+            return []
+        explain = explain or self.engine.explain_batch
+        table = self._prediction_columns(prediction)
+        results: list[MpsResult | None]
+        if self.needs_mps or not only_flagged:
+            found = explain(images, deadline)
+            columns, extra = self._mps_columns(images, found, deadline)
+            table.update(columns)
+            verdicts = self.calibration.detector.evaluate(table)
+            results, why = list(found), ["always"] * count
+        else:
+            verdicts = self.calibration.detector.evaluate(table)
+            sample = np.zeros(count, bool) if sampled is None else np.asarray(sampled, bool)
+            chosen = np.flatnonzero(sample | verdicts.flagged)
+            results = [None] * count
+            found = explain(images[chosen], deadline) if chosen.size else []
+            for i, result in zip(chosen, found, strict=True):
+                results[i] = result
+            why = [
+                "sample" if sample[i] else "flagged" if verdicts.flagged[i] else "none"
+                for i in range(count)
+            ]
+            extra = np.zeros((count, 2), np.int64)
+        read = sorted(self.calibration.detector.features - {"predicted_class"})
+        checks = []
+        for k, result in enumerate(results):
+            predicted = int(prediction.classes[k])
+            evaluations = calls = 0
+            if result is not None:
+                evaluations = result.model_evaluations + int(extra[k, 0])
+                calls = result.model_calls + int(extra[k, 1])
+            checks.append(
+                Check(
+                    predicted_class=predicted,
+                    predicted_name=self.class_name(predicted),
+                    confidence=float(prediction.confidences[k]),
+                    mps_area_fraction=None if result is None else result.mps_area_fraction,
+                    degenerate=None if result is None else result.degenerate,
+                    score=float(verdicts.score[k]),
+                    p_value=float(verdicts.p_value[k]),
+                    flagged=bool(verdicts.flagged[k]),
+                    reason=str(verdicts.reason[k]),
+                    model_evaluations=evaluations,
+                    model_calls=calls,
+                    mps_mask=None if result is None else result.mps_mask,
+                    evidence=tuple((str(t), float(c)) for t, c in verdicts.evidence[k]),
+                    features={name: float(np.asarray(table[name])[k]) for name in read},
+                    explained=why[k],  # type: ignore[arg-type]
+                )
             )
-            for k, r in enumerate(results)
-        ]
+        return checks
+
+    def _prediction_columns(self, prediction: Prediction) -> dict[str, np.ndarray]:
+        """The features of the prediction alone: its own columns, and the confidence group
+        where the detector reads it."""
+        table: dict[str, np.ndarray] = {}
+        if "confidence" in self.feature_groups:
+            table.update(confidence_features(prediction.scores, self.classifier.output_kind))
+        table["msp"] = np.asarray(prediction.confidences, dtype=np.float64)
+        table["margin"] = np.asarray(prediction.margins, dtype=np.float64)
+        table["predicted_class"] = np.asarray(prediction.classes, dtype=np.float64)
+        return table
+
+    def _mps_columns(
+        self, images: np.ndarray, results: Sequence[MpsResult], deadline: float | None
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The MPS area and the MPS feature groups the detector reads, as columns; and per
+        item the model evaluations and calls they took beyond the MPS ([M, 2])."""
+        rows: list[dict[str, float]] = [{} for _ in results]
+        extra = np.zeros((len(results), 2), np.int64)
+        if self._mps_groups:
+            baselines = baselines_for(self._inputs, images, self.engine.settings.baseline)
+            found = mps_features(self._inputs, images, baselines, results, groups=self._mps_groups)
+            for row, values in zip(rows, found, strict=True):
+                row.update(values)
+            if self._extra_evaluations:
+                extra[:, 0] += self._extra_evaluations
+                extra[:, 1] += self.classifier.model_calls(self._extra_evaluations)
+        if self._second_engine is not None:
+            second = self._second_engine.explain_batch(images, deadline)
+            for k, (row, a, b) in enumerate(zip(rows, results, second, strict=True)):
+                row.update(stability_features(a, b))
+                extra[k] += (b.model_evaluations, b.model_calls)
+        columns = {_MPS_AREA: np.array([r.mps_area_fraction for r in results], dtype=np.float64)}
+        for name in rows[0] if rows else ():
+            columns[name] = np.array([row[name] for row in rows], dtype=np.float64)
+        return columns, extra
 
 
 def load_guarded_model(

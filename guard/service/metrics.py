@@ -68,7 +68,8 @@ class GuardMetrics:
         )
         self.mps_area = Histogram(
             "guard_mps_area_fraction",
-            "MPS area of checked predictions, as a fraction of the input's pixels.",
+            "MPS area of checked predictions, as a fraction of the input's pixels (with "
+            "explain=flagged, of the random sample only).",
             ["model"],
             buckets=AREA_BUCKETS,
             registry=registry,
@@ -124,6 +125,16 @@ class GuardMetrics:
             ["model"],
             registry=registry,
         )
+        self.martingale = Gauge(
+            "guard_calibration_martingale",
+            "Exchangeability martingale of the scores of predictions checked for inference "
+            "requests since start, against the calibration's held-out ones: while served "
+            "traffic is like the calibration data it reaches 1/delta with probability at most "
+            "delta, so 20 or more is evidence at level 0.05 that the calibration's false-alarm "
+            "guarantee no longer holds.",
+            ["model"],
+            registry=registry,
+        )
         self.calibration_area = Gauge(
             "guard_calibration_mps_area_quantile",
             "Quantiles of the calibration's MPS areas: what the served areas are compared with.",
@@ -157,10 +168,12 @@ class GuardMetrics:
         drift: DriftMonitor | None,
         area_reference: Sequence[float] | None,
         queue_depth: Callable[[], float] | None = None,
+        martingale: Callable[[], float] | None = None,
     ) -> None:
         """Static facts of a served model, the drift gauges read at scrape time, and a zero
         series for every counter, flag reason (those its calibration can give) and skip reason,
-        so that rates and ratios are defined before traffic."""
+        so that rates and ratios are defined before traffic; the martingale is read at scrape
+        time too."""
         self.info.labels(model=model).info(
             {"provider": provider, "sha256": sha256, "mode": mode, "score_kind": score_kind}
         )
@@ -175,6 +188,8 @@ class GuardMetrics:
                 self.calibration_area.labels(model=model, quantile=str(q)).set(
                     float(np.quantile(area_reference, q))
                 )
+        if martingale is not None:  # absent from calibrations without the reference
+            self.martingale.labels(model=model).set_function(martingale)
         if drift is not None:
             self.drift.labels(model=model).set_function(drift.distance)
             self.drift_items.labels(model=model).set_function(drift.items)

@@ -50,6 +50,20 @@ class ServeSettings(BaseSettings):
         default="sync", description="sync: verdict in the response; async: in the background"
     )
     sample_rate: float = Field(default=1.0, ge=0.0, le=1.0, description="share of items checked")
+    explain: Literal["all", "flagged"] = Field(
+        default="all",
+        description="all: compute the MPS of every checked prediction; flagged: only of those "
+        "the score flags, plus a random explain_sample_rate share of all checked ones. Only for "
+        "scores that read no MPS feature (msp, confidence, class-confidence); with one that "
+        "does, flagged behaves as all",
+    )
+    explain_sample_rate: float = Field(
+        default=0.1,
+        ge=0.0,
+        le=1.0,
+        description="with explain flagged: the random share of checked predictions whose MPS "
+        "is computed whatever their verdict; the MPS-area histogram and drift use only these",
+    )
     queue_size: int = Field(default=256, ge=1, description="background queue (async mode)")
     share_model_calls: bool | None = Field(
         default=None,

@@ -83,8 +83,9 @@ def explain_response(
         predicted_class=check.predicted_class,
         predicted_name=check.predicted_name,
         confidence=check.confidence,
-        mps_area_fraction=check.mps_area_fraction,
-        degenerate=check.degenerate,
+        # Explain computes every MPS: the area and mask are always there.
+        mps_area_fraction=check.mps_area_fraction or 0.0,
+        degenerate=bool(check.degenerate),
         score=check.score,
         p_value=check.p_value,
         flagged=check.flagged,
@@ -96,8 +97,10 @@ def explain_response(
             explain_seconds=timings.explain_seconds,
             total_seconds=timings.total_seconds,
         ),
+        evidence=[pb.Evidence(feature=term, contribution=value) for term, value in check.evidence],
+        features=dict(check.features),
     )
-    if include_mask:
+    if include_mask and check.mps_mask is not None:
         mask = check.mps_mask
         response.mask.CopyFrom(
             pb.Mask(

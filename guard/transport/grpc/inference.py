@@ -24,10 +24,11 @@ from guard.transport.grpc.generated.inference import grpc_predict_v2_pb2_grpc as
 from guard.transport.grpc.status import Servicer, deadline_of, rpc
 
 # The verdict tensors: name -> (datatype, value of a checked item, value of an unchecked one).
+# A checked item without an MPS (explain "flagged", neither flagged nor sampled) has area NaN.
 GUARD_OUTPUTS: dict[str, tuple[str, Callable[[Check], Any], Any]] = {
     "guard_checked": ("BOOL", lambda check: True, False),
     "guard_flagged": ("BOOL", lambda check: check.flagged, False),
-    "guard_mps_area": ("FP32", lambda check: check.mps_area_fraction, np.nan),
+    "guard_mps_area": ("FP32", lambda check: _or_nan(check.mps_area_fraction), np.nan),
     "guard_score": ("FP32", lambda check: check.score, np.nan),
     "guard_p_value": ("FP32", lambda check: check.p_value, np.nan),
 }
@@ -194,7 +195,12 @@ def _set_verdict_parameters(parameters: Any, inference: Inference) -> None:
     parameters["guard_reason"].string_param = check.reason
     parameters["guard_score"].double_param = check.score
     parameters["guard_p_value"].double_param = check.p_value
-    parameters["guard_mps_area"].double_param = check.mps_area_fraction
-    parameters["guard_degenerate"].bool_param = check.degenerate
+    if check.mps_area_fraction is not None:  # absent where no MPS was computed
+        parameters["guard_mps_area"].double_param = check.mps_area_fraction
+        parameters["guard_degenerate"].bool_param = bool(check.degenerate)
     parameters["guard_predicted_class"].int64_param = check.predicted_class
     parameters["guard_model_evaluations"].int64_param = check.model_evaluations
+
+
+def _or_nan(value: float | None) -> float:
+    return np.nan if value is None else value

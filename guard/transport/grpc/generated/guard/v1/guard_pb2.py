@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14guard/v1/guard.proto\x12\x08guard.v1\"6\n\x06Tensor\x12\x10\n\x08\x64\x61tatype\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0b\n\x03raw\x18\x03 \x01(\x0c\"\x8c\x01\n\x0e\x45xplainRequest\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12\"\n\x06tensor\x18\x02 \x01(\x0b\x32\x10.guard.v1.TensorH\x00\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x14\n\x0cinclude_mask\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x07\n\x05input\"R\n\x07Timings\x12\x17\n\x0fpredict_seconds\x18\x01 \x01(\x01\x12\x17\n\x0f\x65xplain_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\":\n\x04Mask\x12\x0e\n\x06height\x18\x01 \x01(\x05\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x13\n\x0bpacked_bits\x18\x03 \x01(\x0c\"\xe0\x02\n\x0f\x45xplainResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x17\n\x0fpredicted_class\x18\x03 \x01(\x03\x12\x16\n\x0epredicted_name\x18\x04 \x01(\t\x12\x12\n\nconfidence\x18\x05 \x01(\x01\x12\x19\n\x11mps_area_fraction\x18\x06 \x01(\x01\x12\x12\n\ndegenerate\x18\x07 \x01(\x08\x12\r\n\x05score\x18\x08 \x01(\x01\x12\x0f\n\x07p_value\x18\t \x01(\x01\x12\x0f\n\x07\x66lagged\x18\n \x01(\x08\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12\x19\n\x11model_evaluations\x18\x0c \x01(\x03\x12\x13\n\x0bmodel_calls\x18\r \x01(\x03\x12\"\n\x07timings\x18\x0e \x01(\x0b\x32\x11.guard.v1.Timings\x12\x1c\n\x04mask\x18\x0f \x01(\x0b\x32\x0e.guard.v1.Mask2P\n\x0cGuardService\x12@\n\x07\x45xplain\x12\x18.guard.v1.ExplainRequest\x1a\x19.guard.v1.ExplainResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14guard/v1/guard.proto\x12\x08guard.v1\"6\n\x06Tensor\x12\x10\n\x08\x64\x61tatype\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0b\n\x03raw\x18\x03 \x01(\x0c\"\x8c\x01\n\x0e\x45xplainRequest\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12\"\n\x06tensor\x18\x02 \x01(\x0b\x32\x10.guard.v1.TensorH\x00\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x14\n\x0cinclude_mask\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x07\n\x05input\"R\n\x07Timings\x12\x17\n\x0fpredict_seconds\x18\x01 \x01(\x01\x12\x17\n\x0f\x65xplain_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\":\n\x04Mask\x12\x0e\n\x06height\x18\x01 \x01(\x05\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x13\n\x0bpacked_bits\x18\x03 \x01(\x0c\"\xf2\x03\n\x0f\x45xplainResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x17\n\x0fpredicted_class\x18\x03 \x01(\x03\x12\x16\n\x0epredicted_name\x18\x04 \x01(\t\x12\x12\n\nconfidence\x18\x05 \x01(\x01\x12\x19\n\x11mps_area_fraction\x18\x06 \x01(\x01\x12\x12\n\ndegenerate\x18\x07 \x01(\x08\x12\r\n\x05score\x18\x08 \x01(\x01\x12\x0f\n\x07p_value\x18\t \x01(\x01\x12\x0f\n\x07\x66lagged\x18\n \x01(\x08\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12\x19\n\x11model_evaluations\x18\x0c \x01(\x03\x12\x13\n\x0bmodel_calls\x18\r \x01(\x03\x12\"\n\x07timings\x18\x0e \x01(\x0b\x32\x11.guard.v1.Timings\x12\x1c\n\x04mask\x18\x0f \x01(\x0b\x32\x0e.guard.v1.Mask\x12$\n\x08\x65vidence\x18\x10 \x03(\x0b\x32\x12.guard.v1.Evidence\x12\x39\n\x08\x66\x65\x61tures\x18\x11 \x03(\x0b\x32\'.guard.v1.ExplainResponse.FeaturesEntry\x1a/\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"1\n\x08\x45vidence\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontribution\x18\x02 \x01(\x01\x32P\n\x0cGuardService\x12@\n\x07\x45xplain\x12\x18.guard.v1.ExplainRequest\x1a\x19.guard.v1.ExplainResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'guard.v1.guard_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_EXPLAINRESPONSE_FEATURESENTRY']._loaded_options = None
+  _globals['_EXPLAINRESPONSE_FEATURESENTRY']._serialized_options = b'8\001'
   _globals['_TENSOR']._serialized_start=34
   _globals['_TENSOR']._serialized_end=88
   _globals['_EXPLAINREQUEST']._serialized_start=91
@@ -40,7 +42,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MASK']._serialized_start=317
   _globals['_MASK']._serialized_end=375
   _globals['_EXPLAINRESPONSE']._serialized_start=378
-  _globals['_EXPLAINRESPONSE']._serialized_end=730
-  _globals['_GUARDSERVICE']._serialized_start=732
-  _globals['_GUARDSERVICE']._serialized_end=812
+  _globals['_EXPLAINRESPONSE']._serialized_end=876
+  _globals['_EXPLAINRESPONSE_FEATURESENTRY']._serialized_start=829
+  _globals['_EXPLAINRESPONSE_FEATURESENTRY']._serialized_end=876
+  _globals['_EVIDENCE']._serialized_start=878
+  _globals['_EVIDENCE']._serialized_end=927
+  _globals['_GUARDSERVICE']._serialized_start=929
+  _globals['_GUARDSERVICE']._serialized_end=1009
 # @@protoc_insertion_point(module_scope)

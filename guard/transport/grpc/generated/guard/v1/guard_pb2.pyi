@@ -51,7 +51,14 @@ class Mask(_message.Message):
     def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., packed_bits: _Optional[bytes] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("request_id", "model_name", "predicted_class", "predicted_name", "confidence", "mps_area_fraction", "degenerate", "score", "p_value", "flagged", "reason", "model_evaluations", "model_calls", "timings", "mask")
+    __slots__ = ("request_id", "model_name", "predicted_class", "predicted_name", "confidence", "mps_area_fraction", "degenerate", "score", "p_value", "flagged", "reason", "model_evaluations", "model_calls", "timings", "mask", "evidence", "features")
+    class FeaturesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_CLASS_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +74,8 @@ class ExplainResponse(_message.Message):
     MODEL_CALLS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     MASK_FIELD_NUMBER: _ClassVar[int]
+    EVIDENCE_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model_name: str
     predicted_class: int
@@ -82,4 +91,14 @@ class ExplainResponse(_message.Message):
     model_calls: int
     timings: Timings
     mask: Mask
-    def __init__(self, request_id: _Optional[str] = ..., model_name: _Optional[str] = ..., predicted_class: _Optional[int] = ..., predicted_name: _Optional[str] = ..., confidence: _Optional[float] = ..., mps_area_fraction: _Optional[float] = ..., degenerate: _Optional[bool] = ..., score: _Optional[float] = ..., p_value: _Optional[float] = ..., flagged: _Optional[bool] = ..., reason: _Optional[str] = ..., model_evaluations: _Optional[int] = ..., model_calls: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., mask: _Optional[_Union[Mask, _Mapping]] = ...) -> None: ...
+    evidence: _containers.RepeatedCompositeFieldContainer[Evidence]
+    features: _containers.ScalarMap[str, float]
+    def __init__(self, request_id: _Optional[str] = ..., model_name: _Optional[str] = ..., predicted_class: _Optional[int] = ..., predicted_name: _Optional[str] = ..., confidence: _Optional[float] = ..., mps_area_fraction: _Optional[float] = ..., degenerate: _Optional[bool] = ..., score: _Optional[float] = ..., p_value: _Optional[float] = ..., flagged: _Optional[bool] = ..., reason: _Optional[str] = ..., model_evaluations: _Optional[int] = ..., model_calls: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., mask: _Optional[_Union[Mask, _Mapping]] = ..., evidence: _Optional[_Iterable[_Union[Evidence, _Mapping]]] = ..., features: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class Evidence(_message.Message):
+    __slots__ = ("feature", "contribution")
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    feature: str
+    contribution: float
+    def __init__(self, feature: _Optional[str] = ..., contribution: _Optional[float] = ...) -> None: ...
