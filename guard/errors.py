@@ -53,6 +53,10 @@ class UnavailableError(GuardError):
     """The server is shutting down; the client may retry (on another replica)."""
 
 
+class RequestCancelledError(GuardError):
+    """The client cancelled the request (or went away): the work for it stopped."""
+
+
 class NonFiniteOutputError(InvalidInputError):
     """The model produced NaN or Inf outputs for an input (an input it cannot handle).
 

@@ -12,7 +12,12 @@ import onnx
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
 
-from guard.errors import InvalidInputError, ModelLoadError, ModelRuntimeError
+from guard.errors import (
+    InvalidInputError,
+    ModelLoadError,
+    ModelRuntimeError,
+    NonFiniteOutputError,
+)
 from guard.runtime import graph as g
 from guard.runtime.spec import BatchMode, ModelSpec, ends_in_softmax, inspect_model
 from guard.settings import ModelOptions
@@ -88,9 +93,16 @@ class MaskedClassifier:
             classes, confidences, scores = (np.concatenate(p) for p in zip(*parts, strict=True))
         else:
             classes, confidences, scores = self._run(images, images, masks, index, True)
+        if not np.isfinite(scores).all():
+            # Finite inputs can still overflow the model (a pixel at 1e38): its NaN or Inf
+            # outputs have no top class, confidence or verdict.
+            raise NonFiniteOutputError()
         probabilities = (
             _softmax(scores) if self.output_kind == "logits" else scores.astype(np.float64)
         )
+        # The class is the argmax of the outputs returned, never a near-tie broken otherwise
+        # by the graph's float32 softmax.
+        classes = probabilities.argmax(axis=1).astype(np.int64)
         top2 = np.sort(probabilities, axis=1)[:, -2:]
         margins = (top2[:, 1] - top2[:, 0]).astype(np.float32)
         return Prediction(scores=scores, classes=classes, confidences=confidences, margins=margins)
@@ -107,12 +119,16 @@ class MaskedClassifier:
         image_index = image_index.astype(np.int64, copy=False)
         if self.batch_mode != "single":
             classes, confidences = self._run(images, baselines, masks, image_index, False)
-            return classes, confidences
-        parts = [
-            self._run(images, baselines, masks[i : i + 1], image_index[i : i + 1], False)
-            for i in range(len(masks))
-        ]
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        else:
+            parts = [
+                self._run(images, baselines, masks[i : i + 1], image_index[i : i + 1], False)
+                for i in range(len(masks))
+            ]
+            classes = np.concatenate([p[0] for p in parts])
+            confidences = np.concatenate([p[1] for p in parts])
+        if not np.isfinite(confidences).all():  # NaN or Inf among a mutant's outputs
+            raise NonFiniteOutputError()
+        return classes, confidences
 
     def class_probabilities(
         self,

@@ -20,11 +20,18 @@ from typing import Generic, TypeVar
 import numpy as np
 
 from guard.engine import MpsResult
-from guard.errors import DeadlineExceededError, UnavailableError
+from guard.errors import (
+    DeadlineExceededError,
+    InvalidInputError,
+    RequestCancelledError,
+    UnavailableError,
+)
+from guard.service.cancellation import Gone, all_gone, current, stop_when
 
 log = logging.getLogger(__name__)
 
 _STOP = object()  # queue sentinel: the worker finishes what is queued before it, then exits
+_CANCEL_POLL = 0.1  # seconds between looks at whether a waiting caller's client is gone
 T = TypeVar("T")
 
 
@@ -32,6 +39,7 @@ T = TypeVar("T")
 class _Job:
     images: np.ndarray
     deadline: float | None  # time.monotonic() after which nobody waits for the result
+    gone: Gone | None = None  # true once the caller's client no longer waits (cancelled)
     future: Future[list[MpsResult]] = field(default_factory=Future)
 
     def expired(self) -> bool:
@@ -70,17 +78,27 @@ class SharedExplainer:
 
     def explain(self, images: np.ndarray, deadline: float | None = None) -> list[MpsResult]:
         """MPSs of ``images``, computed together with other callers' items."""
-        job = _Job(images, deadline)
+        job = _Job(images, deadline, current())
         with self._admission:
             if self._closed:
                 raise UnavailableError("the server is shutting down")
             self._queue.put(job)
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        try:
-            return job.future.result(timeout=timeout)
-        except TimeoutError:
-            job.future.cancel()
-            raise DeadlineExceededError("the deadline passed while the MPS was computed") from None
+        while True:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if job.gone is not None:  # look again now and then: the client may cancel
+                timeout = _CANCEL_POLL if timeout is None else min(timeout, _CANCEL_POLL)
+            try:
+                return job.future.result(timeout=timeout)
+            except TimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    job.future.cancel()
+                    raise DeadlineExceededError(
+                        "the deadline passed while the MPS was computed"
+                    ) from None
+                if job.gone is not None and job.gone():
+                    # Its batch stops once all its callers are gone (see _explain_jobs).
+                    job.future.cancel()
+                    raise RequestCancelledError("the client cancelled the request") from None
 
     def close(self, timeout: float | None = None) -> None:
         """Finish the queued jobs within ``timeout``; callers of jobs left then get
@@ -140,16 +158,41 @@ class SharedExplainer:
         deadlines = [job.deadline for job in live]
         deadline = None if None in deadlines else max(deadlines)  # type: ignore[type-var]
         try:
-            results = self._explain(np.concatenate([job.images for job in live]), deadline)
-        except BaseException as exc:  # noqa: BLE001 - every waiting caller gets the error
+            with stop_when(all_gone([job.gone for job in live])):
+                results = self._explain(np.concatenate([job.images for job in live]), deadline)
+        except InvalidInputError as exc:
+            if len(live) == 1:
+                raise_in(live, exc)
+                return
+            # One caller's input (one whose mutants overflow the model) must not fail the
+            # others': each is computed alone, so only its own caller gets the error.
             for job in live:
-                job.future.set_exception(exc)
+                self._explain_alone(job)
+            return
+        except BaseException as exc:  # noqa: BLE001 - every waiting caller gets the error
+            raise_in(live, exc)
             return
         self._on_batch(len(results))
         start = 0
         for job in live:
             job.future.set_result(results[start : start + len(job.images)])
             start += len(job.images)
+
+    def _explain_alone(self, job: _Job) -> None:
+        try:
+            with stop_when(job.gone):
+                results = self._explain(job.images, job.deadline)
+        except BaseException as exc:  # noqa: BLE001 - the caller gets the error
+            job.future.set_exception(exc)
+            return
+        self._on_batch(len(results))
+        job.future.set_result(results)
+
+
+def raise_in(jobs: Sequence[_Job], error: BaseException) -> None:
+    """``error`` for every caller of ``jobs``."""
+    for job in jobs:
+        job.future.set_exception(error)
 
 
 class BoundedExplainer:
@@ -196,6 +239,7 @@ class BackgroundQueue(Generic[T]):
         self._admission = threading.Lock()
         self._stopping = False
         self._marker_queued = False
+        self._in_progress = 0
         self._worker = threading.Thread(target=self._run, name="guard-background", daemon=True)
         self._worker.start()
 
@@ -227,6 +271,26 @@ class BackgroundQueue(Generic[T]):
         self._worker.join(None if ends is None else max(0.0, ends - time.monotonic()))
         return self.depth() if self._worker.is_alive() else 0
 
+    def _process_isolating(self, batch: list[T]) -> None:
+        """``process`` the batch; when one item's input fails it (``InvalidInputError``: its
+        outputs overflow the model), each item alone, so that only that one is lost."""
+        try:
+            self._process(batch)
+        except InvalidInputError as exc:
+            if len(batch) == 1:
+                log.warning("background check of 1 item refused: %s", exc)
+                self._on_failure(1)
+                return
+            for item in batch:
+                self._process_isolating([item])
+        except Exception:  # noqa: BLE001 - a failed batch must not stop the worker
+            log.exception("background check of %d item(s) failed", len(batch))
+            self._on_failure(len(batch))
+
+    def in_progress(self) -> int:
+        """Items taken from the queue whose checks are being computed now."""
+        return self._in_progress
+
     def _run(self) -> None:
         while True:
             batch: list[T] = []
@@ -242,10 +306,10 @@ class BackgroundQueue(Generic[T]):
                     break
                 stop = item is _STOP
             if batch:
+                self._in_progress = len(batch)
                 try:
-                    self._process(batch)
-                except Exception:  # noqa: BLE001 - a failed batch must not stop the worker
-                    log.exception("background check of %d item(s) failed", len(batch))
-                    self._on_failure(len(batch))
+                    self._process_isolating(batch)
+                finally:
+                    self._in_progress = 0
             if stop:
                 return

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import random
 import threading
 import time
@@ -39,6 +40,8 @@ from guard.runtime.classifier import Prediction
 from guard.service.batching import BackgroundQueue, BoundedExplainer, SharedExplainer
 from guard.service.drift import DriftMonitor
 from guard.service.guarded_model import VERSION, Check, GuardedModel, ModelMetadata
+from guard.service.limits import shown
+from guard.service.memory import release_freed_memory
 from guard.service.metrics import GuardMetrics
 from guard.service.settings import ServeSettings
 from guard.verdict.martingale import ExchangeabilityMartingale
@@ -147,6 +150,8 @@ class DataPlane:
         self.metrics = metrics
         self._served: dict[str, _Served] = {}
         self._slots = threading.BoundedSemaphore(settings.max_concurrency)
+        # Decoding holds a full-size image: as many at once as MPS computations, no more.
+        self._decoding = threading.BoundedSemaphore(settings.explain_workers)
         self._sampler = random.Random()
         for model in models:
             served = _Served(model, settings, metrics)
@@ -171,6 +176,9 @@ class DataPlane:
                 drift=served.drift,
                 area_reference=model.calibration.area_reference,
                 queue_depth=served.background.depth if served.background else None,
+                background_in_progress=(
+                    served.background.in_progress if served.background else None
+                ),
                 martingale=_reader(served.martingale),
             )
 
@@ -195,10 +203,10 @@ class DataPlane:
         served = self._served.get(name)
         if served is None:
             known = ", ".join(sorted(self._served))
-            raise UnknownModelError(f"unknown model {name!r}; this server serves: {known}")
+            raise UnknownModelError(f"unknown model {shown(name)}; this server serves: {known}")
         if version not in ("", VERSION):
             raise UnknownModelError(
-                f"model {name!r} has no version {version!r}; it has version {VERSION}"
+                f"model {name!r} has no version {shown(version)}; it has version {VERSION}"
             )
         return served.model.metadata
 
@@ -274,7 +282,9 @@ class DataPlane:
         encoded image bytes; whatever the mode."""
         started = time.perf_counter()
         served = self._served[model.name]
-        images = (served.model.decode(image) if isinstance(image, bytes) else image)[None]
+        images = (self._decode(served, image, deadline) if isinstance(image, bytes) else image)[
+            None
+        ]
         prediction, predicted = self._predict(served, images, started)
         (check,) = self._check(
             served, images, prediction, request_ids=[request_id], items=[0], deadline=deadline
@@ -294,6 +304,19 @@ class DataPlane:
                     )
             if served.shared is not None:
                 served.shared.close(left)
+
+    def _decode(self, served: _Served, data: bytes, deadline: float | None) -> np.ndarray:
+        """An encoded image as a model input, at most ``explain_workers`` at once (each holds
+        the image at full size while it is decoded), the others waiting within their deadline;
+        the memory of large ones handed back to the system afterwards."""
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self._decoding.acquire(timeout=timeout):
+            raise DeadlineExceededError("the deadline passed while waiting to decode the image")
+        try:
+            return served.model.decode(data, max_image_pixels=self.settings.max_image_pixels)
+        finally:
+            self._decoding.release()
+            release_freed_memory()
 
     def _predict(
         self, served: _Served, images: np.ndarray, started: float
@@ -391,7 +414,8 @@ class DataPlane:
             served.drift.add(areas)
         if self.settings.log_verdicts and verdict_log.isEnabledFor(logging.INFO):
             for request_id, item, check in zip(request_ids, items, checks, strict=True):
-                verdict_log.info(json.dumps(_verdict_record(name, request_id, item, check)))
+                record = _verdict_record(name, request_id, item, check)
+                verdict_log.info(json.dumps(_finite(record), allow_nan=False))
 
 
 def _rows(prediction: Prediction, rows: Sequence[int]) -> Prediction:
@@ -422,6 +446,18 @@ def _reader(martingale: ExchangeabilityMartingale | None) -> Callable[[], float]
 
 def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 6)
+
+
+def _finite(value: object) -> object:
+    """``value`` with every NaN or infinite number (at any depth) as None: strict JSON has no
+    such numbers, and a figure that is not finite is undefined for this item."""
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _verdict_record(model: str, request_id: str, item: int, check: Check) -> dict[str, object]:

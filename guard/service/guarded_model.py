@@ -31,9 +31,15 @@ from guard.evidence import (
     mps_features,
     stability_features,
 )
-from guard.preprocess import Preprocessing, input_from_bytes, load_input
+from guard.preprocess import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    Preprocessing,
+    input_from_bytes,
+    load_input,
+)
 from guard.runtime import MaskedClassifier, ModelSpec
 from guard.runtime.classifier import Prediction
+from guard.service.cancellation import raise_if_gone
 from guard.service.settings import ServeSettings
 from guard.settings import EngineSettings, ModelOptions
 from guard.verdict.artifact import CalibrationArtifact, load_artifact
@@ -133,6 +139,7 @@ class _CheckedInputs:
     def evaluate(
         self, images: np.ndarray, baselines: np.ndarray, masks: np.ndarray, image_index: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
+        raise_if_gone()  # a cancelled request stops between model calls, as at its deadline
         answer = self._classifier.evaluate(images, baselines, masks, image_index)
         self._on_model_call(self._classifier.model_calls(len(masks)), len(masks))
         return answer
@@ -301,9 +308,14 @@ class GuardedModel:
 
     # -- inputs -------------------------------------------------------------------------------
 
-    def decode(self, data: bytes) -> np.ndarray:
-        """An encoded image (PNG, JPEG, ...) as a model input, preprocessed as calibrated."""
-        return input_from_bytes(data, self.classifier.spec, self.preprocessing)
+    def decode(
+        self, data: bytes, *, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    ) -> np.ndarray:
+        """An encoded image (PNG, JPEG, ...) as a model input, preprocessed as calibrated;
+        ``InvalidInputError`` from its header alone when it has over ``max_image_pixels``."""
+        return input_from_bytes(
+            data, self.classifier.spec, self.preprocessing, max_image_pixels=max_image_pixels
+        )
 
     def load(self, path: str | os.PathLike[str]) -> np.ndarray:
         """An image file (preprocessed as calibrated) or an .npy tensor as a model input."""

@@ -107,6 +107,13 @@ class GuardMetrics:
             ["model"],
             registry=registry,
         )
+        self.background_in_progress = Gauge(
+            "guard_background_items_in_progress",
+            "Predictions taken from the background (async) check queue whose checks are being "
+            "computed now (guard_queue_depth counts those still waiting).",
+            ["model"],
+            registry=registry,
+        )
         self.queue_capacity = Gauge(
             "guard_queue_capacity",
             "Size of the background check queue.",
@@ -168,6 +175,7 @@ class GuardMetrics:
         drift: DriftMonitor | None,
         area_reference: Sequence[float] | None,
         queue_depth: Callable[[], float] | None = None,
+        background_in_progress: Callable[[], float] | None = None,
         martingale: Callable[[], float] | None = None,
     ) -> None:
         """Static facts of a served model, the drift gauges read at scrape time, and a zero
@@ -183,6 +191,10 @@ class GuardMetrics:
             self.queue_depth.labels(model=model).set(0)
         else:
             self.queue_depth.labels(model=model).set_function(queue_depth)
+        if background_in_progress is None:
+            self.background_in_progress.labels(model=model).set(0)
+        else:
+            self.background_in_progress.labels(model=model).set_function(background_in_progress)
         if area_reference:
             for q in CALIBRATION_QUANTILES:
                 self.calibration_area.labels(model=model, quantile=str(q)).set(

@@ -90,6 +90,12 @@ class ServeSettings(BaseSettings):
     max_message_bytes: int = Field(
         default=16 * 1024 * 1024, ge=1024, description="largest request or response message"
     )
+    max_image_pixels: int = Field(
+        default=4096 * 4096,  # guard.preprocess.DEFAULT_MAX_IMAGE_PIXELS (not imported for --help)
+        ge=1,
+        description="largest encoded image (width x height) Explain decodes; larger ones are "
+        "refused from their header (default 4096x4096)",
+    )
     grace_seconds: float = Field(
         default=30.0, ge=0.0, description="on SIGTERM, how long in-flight requests may finish"
     )

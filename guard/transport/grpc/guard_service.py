@@ -9,12 +9,14 @@ import grpc
 import numpy as np
 
 from guard.errors import InvalidInputError
+from guard.service.cancellation import stop_when
 from guard.service.data_plane import DataPlane, Timings
 from guard.service.guarded_model import Check, ModelMetadata
+from guard.service.limits import check_request_id
 from guard.transport.grpc import tensors
 from guard.transport.grpc.generated.guard.v1 import guard_pb2 as pb
 from guard.transport.grpc.generated.guard.v1 import guard_pb2_grpc as pb_grpc
-from guard.transport.grpc.status import Servicer, deadline_of, rpc
+from guard.transport.grpc.status import Servicer, client_gone, deadline_of, rpc
 
 
 class GuardServicer(pb_grpc.GuardServiceServicer, Servicer):
@@ -34,10 +36,12 @@ class GuardServicer(pb_grpc.GuardServiceServicer, Servicer):
         with self.plane.admitted():
             model = self.plane.metadata(self._model_name(request))
             image = explain_input(request, model)
-            request_id = request.request_id or uuid.uuid4().hex
-            check, timings = self.plane.explain(
-                model, image, request_id=request_id, deadline=deadline_of(context)
-            )
+            request_id = check_request_id(request.request_id) or uuid.uuid4().hex
+            deadline = deadline_of(context)
+            with stop_when(client_gone(context, deadline)):
+                check, timings = self.plane.explain(
+                    model, image, request_id=request_id, deadline=deadline
+                )
         return explain_response(check, timings, model, request_id, request.include_mask)
 
 

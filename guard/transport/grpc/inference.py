@@ -2,7 +2,10 @@
 
 ModelInfer answers with the model's output unchanged and adds the guard's verdicts: as
 response parameters when the request holds one item, and as extra output tensors (one value
-per item) when it holds several or asks for them by name. See README "The sidecar".
+per item) when it holds several or asks for them by name. Each figure parameter (score,
+p-value, MPS area) comes twice: as ``double_param``, which only Triton's version of the
+protocol has, and as ``<name>_text`` in a ``string_param``, which every client can read. See
+README "The sidecar".
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ import numpy as np
 
 from guard import __version__
 from guard.errors import InvalidInputError
+from guard.service.cancellation import stop_when
 from guard.service.data_plane import DataPlane, Inference
 from guard.service.guarded_model import VERSION, Check, ModelMetadata
+from guard.service.limits import check_request_id, shown, shown_list
 from guard.transport.grpc import tensors
 from guard.transport.grpc.generated.inference import grpc_predict_v2_pb2 as pb
 from guard.transport.grpc.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from guard.transport.grpc.status import Servicer, deadline_of, rpc
+from guard.transport.grpc.status import Servicer, client_gone, deadline_of, rpc
 
 # The verdict tensors: name -> (datatype, value of a checked item, value of an unchecked one).
 # A checked item without an MPS (explain "flagged", neither flagged nor sampled) has area NaN.
@@ -74,10 +79,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer, Servicer):
             model = self.plane.metadata(request.model_name, request.model_version)
             images = input_images(request, model, max_items=self.plane.settings.max_request_items)
             requested = requested_outputs(request, model)
-            request_id = request.id or uuid.uuid4().hex
-            inference = self.plane.infer(
-                model, images, request_id=request_id, deadline=deadline_of(context)
-            )
+            request_id = check_request_id(request.id) or uuid.uuid4().hex
+            deadline = deadline_of(context)
+            with stop_when(client_gone(context, deadline)):
+                inference = self.plane.infer(
+                    model, images, request_id=request_id, deadline=deadline
+                )
         return infer_response(inference, model, request_id, requested)
 
 
@@ -120,7 +127,7 @@ def input_images(
     tensor = request.inputs[0]
     if tensor.name != model.input_name:
         raise InvalidInputError(
-            f"unknown input {tensor.name!r}; the model's input is {model.input_name!r}"
+            f"unknown input {shown(tensor.name)}; the model's input is {model.input_name!r}"
         )
     raw_count = len(request.raw_input_contents)
     if raw_count and tensors.has_typed_contents(tensor):
@@ -149,7 +156,7 @@ def requested_outputs(request: pb.ModelInferRequest, model: ModelMetadata) -> li
     unknown = [name for name in requested if name not in known]
     if unknown:
         raise InvalidInputError(
-            f"unknown output(s) {', '.join(map(repr, unknown))}; this model has {', '.join(known)}"
+            f"unknown output(s) {shown_list(unknown)}; this model has {', '.join(known)}"
         )
     return requested
 
@@ -193,13 +200,22 @@ def _set_verdict_parameters(parameters: Any, inference: Inference) -> None:
         return
     parameters["guard_flagged"].bool_param = check.flagged
     parameters["guard_reason"].string_param = check.reason
-    parameters["guard_score"].double_param = check.score
-    parameters["guard_p_value"].double_param = check.p_value
+    _set_figure(parameters, "guard_score", check.score)
+    _set_figure(parameters, "guard_p_value", check.p_value)
     if check.mps_area_fraction is not None:  # absent where no MPS was computed
-        parameters["guard_mps_area"].double_param = check.mps_area_fraction
+        _set_figure(parameters, "guard_mps_area", check.mps_area_fraction)
         parameters["guard_degenerate"].bool_param = bool(check.degenerate)
     parameters["guard_predicted_class"].int64_param = check.predicted_class
     parameters["guard_model_evaluations"].int64_param = check.model_evaluations
+
+
+def _set_figure(parameters: Any, name: str, value: float) -> None:
+    """A verdict figure as ``double_param`` (Triton's extension of the protocol) and as
+    ``<name>_text``, a ``string_param`` with the number in decimal (shortest round-trip form),
+    which a client built from the official protocol, whose parameters hold only bool, int64
+    and string values, can read."""
+    parameters[name].double_param = value
+    parameters[f"{name}_text"].string_param = repr(float(value))
 
 
 def _or_nan(value: float | None) -> float:

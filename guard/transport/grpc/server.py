@@ -22,7 +22,7 @@ from guard.transport.grpc.generated.guard.v1 import guard_pb2, guard_pb2_grpc
 from guard.transport.grpc.generated.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 from guard.transport.grpc.guard_service import GuardServicer
 from guard.transport.grpc.inference import InferenceServicer
-from guard.transport.grpc.tls import read_pem
+from guard.transport.grpc.tls import check_server_files, read_pem
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,7 @@ def _host(host: str) -> str:
 
 def _credentials(s: ServeSettings) -> grpc.ServerCredentials:
     assert s.tls_cert is not None and s.tls_key is not None
+    check_server_files(s.tls_cert, s.tls_key, s.tls_client_ca)  # named here, not as "bind"
     pair = (read_pem(s.tls_key, "the TLS key"), read_pem(s.tls_cert, "the TLS certificate"))
     client_ca = read_pem(s.tls_client_ca, "the client CA bundle") if s.tls_client_ca else None
     return grpc.ssl_server_credentials(

@@ -20,10 +20,14 @@ from guard.errors import (
     DeadlineExceededError,
     GuardError,
     InvalidInputError,
+    NonFiniteOutputError,
     OverloadedError,
+    RequestCancelledError,
     UnavailableError,
     UnknownModelError,
 )
+from guard.service.cancellation import Gone
+from guard.service.limits import bounded_message
 from guard.service.metrics import GuardMetrics
 
 log = logging.getLogger(__name__)
@@ -34,7 +38,14 @@ _CODES: list[tuple[type[GuardError], grpc.StatusCode]] = [
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (RequestCancelledError, grpc.StatusCode.CANCELLED),
 ]
+# Outcomes counted under a name of their own rather than their status code's: a model output
+# that overflowed (an INVALID_ARGUMENT the client could not have seen coming).
+_OUTCOMES: list[tuple[type[GuardError], str]] = [(NonFiniteOutputError, "non_finite_output")]
+# A client whose RPC ended this close to its deadline is left to the deadline, which stops
+# the work as DEADLINE_EXCEEDED (grpc ends the RPC at about the same instant).
+_DEADLINE_MARGIN = 0.25  # seconds
 
 _NO_DEADLINE = 10 * 365 * 24 * 3600.0  # seconds; longer than any real deadline
 Request = TypeVar("Request")
@@ -59,6 +70,26 @@ def deadline_of(context: grpc.ServicerContext) -> float | None:
     return time.monotonic() + remaining
 
 
+def outcome_of(error: GuardError, code: grpc.StatusCode) -> str:
+    """The request outcome counted for ``error`` answered with ``code``."""
+    for kind, outcome in _OUTCOMES:
+        if isinstance(error, kind):
+            return outcome
+    return code.name.lower()
+
+
+def client_gone(context: grpc.ServicerContext, deadline: float | None) -> Gone:
+    """A test of whether the client of ``context`` has stopped waiting: it cancelled, or the
+    connection went (its deadline passing is the deadline's to report)."""
+
+    def gone() -> bool:
+        if context.is_active():
+            return False
+        return deadline is None or time.monotonic() < deadline - _DEADLINE_MARGIN
+
+    return gone
+
+
 class Servicer:
     """What ``rpc`` needs of a servicer: the metrics, and the model label of a request."""
 
@@ -76,24 +107,26 @@ def rpc(name: str, *, heavy: bool = False) -> Callable[[Handler], Handler]:
         @functools.wraps(method)
         def handle(self: Servicer, request: Any, context: grpc.ServicerContext) -> Any:
             metrics = self.metrics
-            code, message = grpc.StatusCode.OK, ""
+            code, message, outcome = grpc.StatusCode.OK, "", "ok"
             if heavy:
                 metrics.in_flight.inc()
             try:
                 return method(self, request, context)
             except GuardError as exc:
-                code, message = status_of(exc), str(exc)
+                # Bounded: the message travels in trailers that clients cap (8 KiB by default).
+                code, message = status_of(exc), bounded_message(str(exc))
+                outcome = outcome_of(exc, code)
                 if code is grpc.StatusCode.INTERNAL:
-                    log.error("%s failed: %s", name, exc)
+                    log.error("%s failed: %s", name, message)
             except Exception:  # noqa: BLE001 - the boundary: every fault becomes INTERNAL
                 reference = uuid.uuid4().hex[:12]
                 log.exception("%s failed (reference %s)", name, reference)
-                code = grpc.StatusCode.INTERNAL
+                code, outcome = grpc.StatusCode.INTERNAL, "internal"
                 message = f"internal error (reference {reference}); see the server log"
             finally:
                 if heavy:
                     metrics.in_flight.dec()
-                metrics.requests.labels(self.model_label(request), name, code.name.lower()).inc()
+                metrics.requests.labels(self.model_label(request), name, outcome).inc()
             context.abort(code, message)  # raises: the RPC ends here with that status
 
         return handle

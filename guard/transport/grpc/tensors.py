@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from guard.errors import InvalidInputError
+from guard.service.limits import shown
 from guard.transport.grpc.generated.inference import grpc_predict_v2_pb2 as pb
 
 DATATYPES: dict[str, np.dtype] = {
@@ -74,14 +75,15 @@ def decode_array(
     expected_datatype = datatype_of(dtype)
     if datatype != expected_datatype:
         raise InvalidInputError(
-            f"input {name!r} has datatype {datatype or '(none)'}; the model takes "
-            f"{expected_datatype}"
+            f"input {shown(name)} has datatype {shown(datatype, quoted=False) or '(none)'}; "
+            f"the model takes {expected_datatype}"
         )
     shape = list(shape)
     expected = ", ".join(map(str, item_shape))
     if len(shape) != len(item_shape) + 1 or shape[1:] != list(item_shape) or shape[0] < 1:
         raise InvalidInputError(
-            f"input {name!r} has shape {shape}; the model takes [N, {expected}] with N >= 1"
+            f"input {shown(name)} has shape {shown(shape)}; the model takes [N, {expected}] "
+            "with N >= 1"
         )
     if shape[0] > max_items:
         raise InvalidInputError(
