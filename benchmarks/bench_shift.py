@@ -7,8 +7,11 @@ A calibrated pair (default: textures_cnn on clean texture crops). The clean item
 two, stratified on (correct, predicted class): a calibration half, on which the check is fitted
 (``fit_calibration(score="auto")``, as ``guard calibrate`` does) and whose MPS areas and MSPs
 are the drift references (the sidecar's area reference is the calibration records' areas), and
-a traffic half that nothing was fitted on. Served traffic is simulated by drawing items at
-random, with replacement, from the clean traffic half, and with probability p from a shifted
+a traffic half that nothing was fitted on. Served traffic is simulated by taking the clean
+traffic half in a random order (without replacement: a stream that repeated items would no
+longer be exchangeable with the calibration data, and the martingale would rightly notice; so
+the horizon is at most the size of that half), each item replaced with probability p by one
+drawn from a shifted
 pool instead: corrupted crops (``scripts/make_shifted_textures.py``: noise, defocus, low
 contrast) at p = 10%, 30% and 100%, and OOD inputs (``bench_detection.make_ood``) at 30%.
 Items arrive in batches; after each batch every monitor is read:
@@ -113,9 +116,11 @@ def corrupted_records(
 def stream(
     clean: Pool, shifted: Pool | None, p: float, horizon: int, rng: np.random.Generator
 ) -> Pool:
-    """``horizon`` items in random order: each from the shifted pool with probability p, else
-    from the clean pool, drawn with replacement."""
-    picks = clean.take(rng.integers(0, clean.area.size, horizon))
+    """``horizon`` items in random order: the clean pool without replacement, each item replaced
+    with probability p by one drawn (with replacement) from the shifted pool."""
+    if horizon > clean.area.size:
+        raise ValueError(f"a horizon of {horizon} needs at least that many clean traffic items")
+    picks = clean.take(rng.permutation(clean.area.size)[:horizon])
     if shifted is None or p <= 0:
         return picks
     from_shift = rng.random(horizon) < p
@@ -376,7 +381,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "OOD": Pool.of(ood.records, detector),
     }
     reference = Pool.of(calibration, detector)
-    s = StreamSettings(args.horizon, args.batch, args.window, args.min_items, 1.0 / args.delta)
+    horizon = min(args.horizon, clean.area.size)
+    if horizon < args.horizon:
+        say(f"horizon {horizon}: the clean traffic half has {clean.area.size} items")
+    s = StreamSettings(horizon, args.batch, args.window, args.min_items, 1.0 / args.delta)
     say("KS thresholds on unshifted streams")
     monitors = Monitors(
         area_reference=reference.area,
@@ -405,7 +413,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "settings": {
             "pair": args.pair,
             "limit": args.limit,
-            "horizon": args.horizon,
+            "horizon": s.horizon,
             "batch": args.batch,
             "window": args.window,
             "min_items": args.min_items,
