@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -54,6 +54,25 @@ R = TypeVar("R", bound=CachedRecord)
 # (decoded, finite items of one batch) -> one record per item, in order; a GuardError refuses
 # the batch (its items are then tried one by one)
 Explain = Callable[[list[Item]], list[R]]
+# One outcome per item of a batch: (key, record), or (key, reason) for an item skipped
+# (unreadable, non-finite, or refused by the model).
+Outcomes = list[tuple[str, R | str]]
+# Where the batches are explained, when not here (guard.scaleout: on Ray workers): the batches
+# in data order, each batch's outcomes back as it completes, in any order.
+BatchRunner = Callable[[Iterator[list[Item]]], Iterable[Outcomes[R]]]
+# Builds a run's explain function from a model runtime. A module-level function (or a
+# functools.partial of one, with picklable arguments), so that a remote worker builds, from
+# its own copy of the model, the same function as the driver.
+MakeExplain = Callable[[MaskedClassifier, MpsEngine], Explain[R]]
+
+
+class Executor(Protocol):
+    """Explains a run's batches elsewhere: given ``make_explain`` and the driver's model
+    runtime (the model file and the engine settings to copy), the runner of the run's batches."""
+
+    def __call__(
+        self, make_explain: MakeExplain[R], classifier: MaskedClassifier, engine: MpsEngine
+    ) -> BatchRunner[R]: ...
 
 
 def _read_cache(
@@ -160,6 +179,7 @@ def run_cached(
     batch_items: int = 8,
     restart: bool = False,
     on_progress: Callable[[int], None] | None = None,
+    runner: BatchRunner[R] | None = None,
 ) -> CachedRun[R]:
     """Compute (or take from the JSON-lines cache) one record per item, in data order.
 
@@ -168,7 +188,9 @@ def run_cached(
     an interruption is dropped and its item computed again (``notes`` says so). Unreadable or
     non-finite items, and items the model rejects (``GuardError``), are skipped and cached as
     such, so a resumed run does not retry them; when a batch fails, its items are retried one
-    by one so that only the bad ones are skipped.
+    by one so that only the bad ones are skipped. ``runner`` explains the batches elsewhere
+    (the same outcomes, from the same batches); records are still written here, as each batch
+    completes.
     """
     records: list[R] = []
     skipped: list[tuple[str, str]] = []
@@ -184,48 +206,66 @@ def run_cached(
     if on_progress and done:
         on_progress(len(done))
 
-    batch: list[Item] = []
-    for item in data.items(skip=done):
-        batch.append(item)
-        if len(batch) == batch_items:
-            _process(batch, explain, result, cache, on_progress)
-            batch = []
-    if batch:
-        _process(batch, explain, result, cache, on_progress)
+    batches = _batches(data.items(skip=done), batch_items)
+    if runner is None:
+        completed: Iterable[Outcomes[R]] = (batch_outcomes(b, explain) for b in batches)
+    else:
+        completed = runner(batches)
+    try:
+        for outcomes in completed:
+            _record(outcomes, result, cache, on_progress)
+    finally:  # an interruption stops the runner's work now (a generator's cleanup runs)
+        if isinstance(completed, Generator):
+            completed.close()
     order = {key: i for i, key in enumerate(data.keys)}
     result.records.sort(key=lambda r: order[r.key])
+    result.skipped.sort(key=lambda s: order.get(s[0], len(order)))
     return result
 
 
-def _process(
-    batch: list[Item],
-    explain: Explain[R],
-    result: CachedRun[R],
-    cache: Path,
-    on_progress: Callable[[int], None] | None,
-) -> None:
-    lines = []
+def _batches(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
+    batch: list[Item] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def batch_outcomes(batch: list[Item], explain: Explain[R]) -> Outcomes[R]:
+    """The outcome of every item of a batch, in its order: unreadable and non-finite items are
+    skipped, the others explained together (one by one where ``explain`` refuses them)."""
+    outcomes: dict[str, R | str] = {}
     good = []
     for item in batch:
         if item.tensor is not None and np.isfinite(item.tensor).all():
             good.append(item)
         else:  # the reason alone: lists show it after the key
-            reason = item.error or "input contains NaN or Inf values"
-            result.skipped.append((item.key, reason))
-            lines.append(json.dumps({"key": item.key, "skipped": reason}))
-    for outcome in _explain_isolating(good, explain):
-        if isinstance(outcome[1], str):
-            key, reason = outcome
-            result.skipped.append((key, reason))
-            lines.append(json.dumps({"key": key, "skipped": reason}))
+            outcomes[item.key] = item.error or "input contains NaN or Inf values"
+    outcomes.update(_explain_isolating(good, explain))
+    return [(item.key, outcomes[item.key]) for item in batch]
+
+
+def _record(
+    outcomes: Outcomes[R],
+    result: CachedRun[R],
+    cache: Path,
+    on_progress: Callable[[int], None] | None,
+) -> None:
+    lines = []
+    for key, outcome in outcomes:
+        if isinstance(outcome, str):
+            result.skipped.append((key, outcome))
+            lines.append(json.dumps({"key": key, "skipped": outcome}))
         else:
-            record = outcome[1]
-            result.records.append(record)
-            lines.append(record.to_json_line())
+            result.records.append(outcome)
+            lines.append(outcome.to_json_line())
     if lines:
         _append(cache, "".join(line + "\n" for line in lines).encode())
     if on_progress:
-        on_progress(len(batch))
+        on_progress(len(outcomes))
 
 
 def _explain_isolating(items: list[Item], explain: Explain[R]) -> list[tuple[str, R | str]]:

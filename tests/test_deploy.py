@@ -43,6 +43,8 @@ CRD_SCHEMAS = {
     ("monitoring.coreos.com/v1", "PrometheusRule"): K8S
     / "schemas"
     / "prometheusrule-monitoring-v1.json",
+    # Written for deploy/k8s/ray (its pod templates are checked as Kubernetes PodTemplates).
+    ("ray.io/v1", "RayJob"): K8S / "schemas" / "rayjob-ray-v1.json",
 }
 # The guard's own settings, as environment variables (GUARD_METRICS_PORT, ...).
 SETTINGS_ENV = {f"GUARD_{name.upper()}" for name in ServeSettings.model_fields}
@@ -351,6 +353,61 @@ def test_guard_sidecar_wiring(variant: str) -> None:
         assert guard["image"].endswith("-cuda")
     else:
         assert gpu is None and env["GUARD_PROVIDER"] == "cpu"
+
+
+def test_rayjob_calibration_example() -> None:
+    """deploy/k8s/ray: the RayJob's pod templates are valid Kubernetes, its entrypoint parses
+    as a ``guard calibrate --ray`` command, and its images, Ray version, CPUs and volume fit."""
+    import shlex
+    import tomllib
+
+    import typer.main
+
+    from guard.cli import app
+
+    claim, job = _load_documents(K8S / "ray" / "rayjob-calibrate.yaml")
+    assert (claim["kind"], job["kind"]) == ("PersistentVolumeClaim", "RayJob")
+    cluster = job["spec"]["rayClusterSpec"]
+    head, groups = cluster["headGroupSpec"], cluster["workerGroupSpecs"]
+    for template in [head["template"], *(group["template"] for group in groups)]:
+        pod_template = {"apiVersion": "v1", "kind": "PodTemplate",
+                        "metadata": {"name": "ray"}, "template": template}  # fmt: skip
+        _validate(pod_template, "deploy/k8s/ray/rayjob-calibrate.yaml")
+
+    args = shlex.split(job["spec"]["entrypoint"])
+    assert args[:2] == ["guard", "calibrate"] and args[args.index("--ray") + 1] == "auto"
+    command = typer.main.get_command(app).commands["calibrate"]  # type: ignore[attr-defined]
+    options = command.make_context("calibrate", args[2:]).params  # every option exists, parses
+    # The driver on the head (no Ray worker there) writes under its volume.
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    [head_container] = head["template"]["spec"]["containers"]
+    mount = head_container["volumeMounts"][0]
+    [volume] = [v for v in head["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    for path in (options["data"], options["model"], options["out"], options["report"]):
+        assert str(path).startswith(mount["mountPath"] + "/"), path
+    # Whole guard workers per worker pod: its CPU limit is a multiple of --ray-cpus.
+    for group in groups:
+        [container] = group["template"]["spec"]["containers"]
+        assert container["image"] == head_container["image"]
+        cpus = float(container["resources"]["limits"]["cpu"])
+        assert cpus % options["ray_cpus"] == 0 and cpus >= options["ray_cpus"]
+    # One image built from the Dockerfile beside it, on the Ray the RayJob names.
+    dockerfile = (K8S / "ray" / "Dockerfile").read_text()
+    assert f"-t {head_container['image']} ." in dockerfile
+    version = cluster["rayVersion"]
+    assert f"FROM rayproject/ray:{version}-py3" in dockerfile
+    assert f'"ray[data]=={version}"' in dockerfile
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    [ray_requirement] = project["optional-dependencies"]["ray"]  # mps-guard[ray]
+    low = re.search(r">=([0-9.]+)", ray_requirement)
+    assert low and tuple(map(int, version.split("."))) >= tuple(map(int, low.group(1).split(".")))
+    # A mistake in the RayJob's own fields is caught.
+    schema = json.loads(CRD_SCHEMAS[("ray.io/v1", "RayJob")].read_text())
+    typo = json.loads(json.dumps(job))
+    typo["spec"]["shutdownAfterJobFinish"] = typo["spec"].pop("shutdownAfterJobFinishes")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft202012Validator(schema).validate(typo)
 
 
 # --- Container images ------------------------------------------------------------------------

@@ -32,13 +32,14 @@ RANKS = {
     "guard.cached_run": 6,
     "guard.calibration": 7,
     "guard.audit": 7,
+    "guard.scaleout": 7,
     "guard.service": 7,
     "guard.api": 8,
     "guard.transport": 9,
     "guard.cli": 10,
     "guard.__main__": 11,
 }
-OFFLINE = {"guard.cached_run", "guard.calibration", "guard.audit"}
+OFFLINE = {"guard.cached_run", "guard.calibration", "guard.audit", "guard.scaleout"}
 SERVING = {"guard.service", "guard.api", "guard.transport"}
 
 

@@ -13,16 +13,17 @@ from __future__ import annotations
 import base64
 import json
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from guard.audit.localisation import LOCALISATION_METRICS, localisation
 from guard.audit.masks import GroundTruth
-from guard.cached_run import CachedRun, fingerprint, run_cached
+from guard.cached_run import CachedRun, Executor, Explain, fingerprint, run_cached
 from guard.datasets import Item, LabelledData
 from guard.engine import MpsEngine
 from guard.runtime import MaskedClassifier
@@ -150,6 +151,35 @@ def audit_fingerprint(
     }  # fmt: skip
 
 
+class Masks(Protocol):
+    """What the audit reads of the ground truth: an item's object mask at a model's size."""
+
+    def mask(self, key: str, height: int, width: int) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class PackedMasks:
+    """Every item's object mask at one model's input size, bit-packed: the ground truth as it
+    travels to remote workers, which may not see the driver's mask files."""
+
+    height: int
+    width: int
+    bits: dict[str, bytes]
+
+    @classmethod
+    def of(cls, truth: Masks, keys: Sequence[str], height: int, width: int) -> PackedMasks:
+        return cls(height, width,
+                   {key: np.packbits(truth.mask(key, height, width)).tobytes() for key in keys})  # fmt: skip
+
+    def mask(self, key: str, height: int, width: int) -> np.ndarray:
+        if (height, width) != (self.height, self.width):
+            raise ValueError(
+                f"masks packed at {self.height} x {self.width}, not {height} x {width}"
+            )
+        packed = np.frombuffer(self.bits[key], dtype=np.uint8)
+        return np.unpackbits(packed, count=height * width).astype(bool).reshape(height, width)
+
+
 def run_model(
     model: AuditModel,
     data: LabelledData,
@@ -159,15 +189,53 @@ def run_model(
     batch_items: int = 8,
     restart: bool = False,
     on_progress: Callable[[int], None] | None = None,
+    executor: Executor | None = None,
 ) -> CachedRun[AuditRecord]:
-    """Compute (or take from the cache) the audit record of every item for one model."""
-    height, width = model.shape
+    """Compute (or take from the cache) the audit record of every item for one model.
+    ``executor`` computes the records elsewhere (guard.scaleout: on Ray workers), the same
+    ones: each worker builds the model's engines for every seed from the first one's settings,
+    and gets the masks at the model's size."""
+    runner = None
+    if executor is not None:
+        height, width = model.shape
+        packed = None if truth is None else PackedMasks.of(truth, data.keys, height, width)
+        make_explain = partial(explainer, seeds=tuple(model.seeds), truth=packed)
+        runner = executor(make_explain, model.classifier, model.engine)
+    explain = _explainer(model.classifier, model.engine, model.other_engines, truth)
+    return run_cached(
+        data, cache, audit_fingerprint(model, data, truth), explain, AuditRecord.from_json_line,
+        batch_items=batch_items, restart=restart, on_progress=on_progress, runner=runner,
+    )  # fmt: skip
+
+
+def explainer(
+    classifier: MaskedClassifier, engine: MpsEngine, *, seeds: Sequence[int], truth: Masks | None
+) -> Explain[AuditRecord]:
+    """The audit records of a batch of items from a model runtime (a remote worker's copy of
+    the driver's): ``engine`` explains under ``seeds[0]``, and one engine of its settings is
+    made for each further seed."""
+    if engine.settings.seed != seeds[0]:
+        raise ValueError(f"the engine's seed {engine.settings.seed} is not the first, {seeds[0]}")
+    others = tuple(
+        MpsEngine(classifier, engine.settings.model_copy(update={"seed": seed}))
+        for seed in seeds[1:]
+    )
+    return _explainer(classifier, engine, others, truth)
+
+
+def _explainer(
+    classifier: MaskedClassifier,
+    engine: MpsEngine,
+    other_engines: Sequence[MpsEngine],
+    truth: Masks | None,
+) -> Explain[AuditRecord]:
+    height, width = classifier.spec.height, classifier.spec.width
 
     def explain(items: list[Item]) -> list[AuditRecord]:
         images = np.stack([item.tensor for item in items])
-        results = model.engine.explain_batch(images)
-        others = [engine.explain_batch(images) for engine in model.other_engines]
-        combination = model.engine.settings.combination
+        results = engine.explain_batch(images)
+        others = [other.explain_batch(images) for other in other_engines]
+        combination = engine.settings.combination
         records = []
         for i, (item, mps) in enumerate(zip(items, results, strict=True)):
             located = (
@@ -192,7 +260,4 @@ def run_model(
             )
         return records
 
-    return run_cached(
-        data, cache, audit_fingerprint(model, data, truth), explain, AuditRecord.from_json_line,
-        batch_items=batch_items, restart=restart, on_progress=on_progress,
-    )  # fmt: skip
+    return explain

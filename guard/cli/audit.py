@@ -19,6 +19,14 @@ from guard.cli.common import (
     progress_bar,
 )
 from guard.cli.options import DATA_HELP, BatchItemsOpt, RuntimeOptions, with_runtime_options
+from guard.cli.scaleout import (
+    RayCpusOpt,
+    RayGpusOpt,
+    RayOpt,
+    RayWorkersOpt,
+    ray_executor,
+    report_ray,
+)
 from guard.numbers import count, number
 
 if TYPE_CHECKING:  # scipy and matplotlib load when the command runs, not for --help
@@ -26,6 +34,7 @@ if TYPE_CHECKING:  # scipy and matplotlib load when the command runs, not for --
     from guard.audit.run import AuditModel
     from guard.audit.summary import ModelOutcome
     from guard.datasets import LabelledData
+    from guard.scaleout import RayExecutor
 
 Option = typer.Option
 ModelsOpt = Annotated[list[Path], Option(help="ONNX classifier; repeat for every model to compare")]
@@ -72,6 +81,10 @@ def audit(
     seeds: SeedsOpt = 2,
     batch_items: BatchItemsOpt = 8,
     restart: RestartOpt = False,
+    ray: RayOpt = None,
+    ray_workers: RayWorkersOpt = None,
+    ray_cpus: RayCpusOpt = 1.0,
+    ray_gpus: RayGpusOpt = 0.0,
     *,
     options: RuntimeOptions,
 ) -> None:
@@ -83,14 +96,22 @@ def audit(
     per-model tables are written and the comparisons are left out (the report says so).
     With --seeds 2 (the default) every image is also explained under seed + 1000, so the
     report can set each model's seed-to-seed overlap beside the overlap between models.
+    With --ray the MPSs are computed on a Ray cluster's workers (the same records), one pool of
+    workers per model in turn; the statistics and report are made here.
     """
     from guard.audit.masks import open_ground_truth
     from guard.audit.report import write_report
 
     names, families = _validate(model, name, family, level, batch_items, seeds)
+    cluster = ray_executor(ray, ray_workers, ray_cpus, ray_gpus)
     audited, data_sets = _load(model, names, families, data, options, seeds)
     truth = open_ground_truth(masks, data, data_sets[0].keys)
-    outcomes = _run(audited, data_sets, truth, report, batch_items=batch_items, restart=restart)
+    with cluster as executor:
+        outcomes = _run(
+            audited, data_sets, truth, report, batch_items=batch_items, restart=restart,
+            executor=executor,
+        )  # fmt: skip
+    report_ray(executor)
     _report_skipped(outcomes)
     summary = _summarise(outcomes, audited, level, len(data_sets[0].keys), truth)
     write_report(report, outcomes, summary)
@@ -164,6 +185,7 @@ def _run(
     *,
     batch_items: int,
     restart: bool,
+    executor: RayExecutor | None = None,
 ) -> list[ModelOutcome]:
     """Every model on every item, cached under REPORT/cache; an interruption keeps what is done."""
     from guard.audit.run import run_model
@@ -178,6 +200,7 @@ def _run(
                     model, data_set, truth, report / "cache" / f"{model.name}.jsonl",
                     batch_items=batch_items, restart=restart,
                     on_progress=lambda done, task=task: progress.update(task, advance=done),
+                    executor=executor,
                 )  # fmt: skip
                 outcomes.append(ModelOutcome(model, run.records, run.skipped, run.resumed))
                 for note in run.notes:

@@ -19,6 +19,14 @@ from guard.cli.common import (
     progress_bar,
 )
 from guard.cli.options import DATA_HELP, BatchItemsOpt, RuntimeOptions, with_runtime_options
+from guard.cli.scaleout import (
+    RayCpusOpt,
+    RayGpusOpt,
+    RayOpt,
+    RayWorkersOpt,
+    ray_executor,
+    report_ray,
+)
 from guard.errors import GuardError
 from guard.numbers import count, number
 
@@ -27,6 +35,7 @@ if TYPE_CHECKING:  # scikit-learn and matplotlib load when the command runs, not
     from guard.calibration.fit import FitResult
     from guard.calibration.records import ItemRecord
     from guard.datasets import LabelledData
+    from guard.scaleout import RayExecutor
     from guard.verdict.artifact import CalibrationArtifact
 
     RunResult = CachedRun[ItemRecord]
@@ -90,22 +99,31 @@ def calibrate(
     split_seed: SplitSeedOpt = 0,
     batch_items: BatchItemsOpt = 8,
     restart: RestartOpt = False,
+    ray: RayOpt = None,
+    ray_workers: RayWorkersOpt = None,
+    ray_cpus: RayCpusOpt = 1.0,
+    ray_gpus: RayGpusOpt = 0.0,
     *,
     options: RuntimeOptions,
 ) -> None:
     """Fit the guard's check on labelled data: run the engine on every item, fit, report.
 
     Per-item results are cached in OUT.cache.jsonl as they are computed; re-running the same
-    command after an interruption resumes where it stopped.
+    command after an interruption resumes where it stopped. With --ray the items' MPSs are
+    computed on a Ray cluster's workers (the same records), the fit and report here.
     """
     fitting = FitOptions(
         alpha, score, holdout_fraction, split_seed, flag_small_tail, per_class, delta
     )
     _validate(fitting, batch_items)
+    cluster = ray_executor(ray, ray_workers, ray_cpus, ray_gpus)
     runtime, data_set = _load(data, options)
-    result = _run(
-        data_set, runtime, out, batch_items=batch_items, restart=restart, stability=stability
-    )
+    with cluster as executor:
+        result = _run(
+            data_set, runtime, out, batch_items=batch_items, restart=restart,
+            stability=stability, executor=executor,
+        )  # fmt: skip
+    report_ray(executor)
     _report_skipped(result.skipped)
     fit = _fit(result, fitting)
     artifact = _artifact(fit, runtime, data_set, result)
@@ -146,6 +164,7 @@ def _run(
     batch_items: int,
     restart: bool,
     stability: bool,
+    executor: RayExecutor | None = None,
 ) -> RunResult:
     """The engine on every item, cached next to OUT; an interruption keeps what is done."""
     from guard.calibration.run import run_items
@@ -165,6 +184,7 @@ def _run(
             result = run_items(
                 data_set, runtime.classifier, runtime.engine, cache, stability=stability,
                 batch_items=batch_items, restart=restart, on_progress=advance,
+                executor=executor,
             )  # fmt: skip
     except KeyboardInterrupt:
         err_console.print(
