@@ -224,6 +224,24 @@ def test_dashboard_uses_only_metrics_the_sidecar_exports() -> None:
     assert shown - used == set(), "metrics without a panel in deploy/grafana/mps-guard.json"
 
 
+def test_the_flag_rate_panels_and_the_runbook_lead_to_the_flags_page() -> None:
+    """The flag-rate panels link to the chosen replica's /flags page (served on its metrics
+    port, the ``instance`` Prometheus scrapes), and the flag-rate runbook says to open it."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert "guard_model_info" in variables["instance"]["definition"]
+    assert ", instance)" in variables["instance"]["definition"]
+    panels = [p for p in _dashboard_panels() if "flag" in p["title"].lower()]
+    assert len(panels) == 3
+    for panel in panels:
+        urls = [link["url"] for link in panel["fieldConfig"]["defaults"]["links"]]
+        assert urls and all(u.startswith("http://${instance}/flags?model=") for u in urls)
+    assert any(link["url"] == "http://${instance}/flags" for link in dashboard["links"])
+    runbook = README.read_text().split("### Runbook: GuardFlagRateHigh")[1].split("###")[0]
+    assert "/flags" in runbook and "GUARD_KEEP_FLAGGED" in runbook
+    assert "## The flagged predictions page" in README.read_text()
+
+
 # --- Kubernetes ------------------------------------------------------------------------------
 
 

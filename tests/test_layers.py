@@ -30,6 +30,7 @@ RANKS = {
     "guard.render": 5,
     "guard.verdict": 5,
     "guard.cached_run": 6,
+    "guard.gallery": 6,
     "guard.calibration": 7,
     "guard.audit": 7,
     "guard.scaleout": 7,

@@ -17,6 +17,9 @@ served MPS areas. ``Explain`` always computes the MPS.
 Each served model's exchangeability martingale (guard.verdict.martingale) takes the score of
 every prediction checked for an inference request: ``Explain`` requests are looks on demand,
 often at predictions already flagged, and would bias it.
+
+With ``keep_flagged`` the flagged predictions of both kinds of request are kept, with their
+inputs and MPSs, in a bounded ``FlagStore`` (``flags``) that the /flags page shows.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from guard.errors import DeadlineExceededError, OverloadedError, UnknownModelErr
 from guard.runtime.classifier import Prediction
 from guard.service.batching import BackgroundQueue, BoundedExplainer, SharedExplainer
 from guard.service.drift import DriftMonitor
+from guard.service.flag_store import FlagStore
 from guard.service.guarded_model import VERSION, Check, GuardedModel, ModelMetadata
 from guard.service.limits import shown
 from guard.service.memory import release_freed_memory
@@ -153,6 +157,12 @@ class DataPlane:
         # Decoding holds a full-size image: as many at once as MPS computations, no more.
         self._decoding = threading.BoundedSemaphore(settings.explain_workers)
         self._sampler = random.Random()
+        # The last keep_flagged flagged predictions, for the /flags page (None: kept nowhere).
+        self.flags = (
+            FlagStore.for_models(settings.keep_flagged, models, directory=settings.flagged_dir)
+            if settings.keep_flagged
+            else None
+        )
         for model in models:
             served = _Served(model, settings, metrics)
             if settings.mode == "async":
@@ -377,6 +387,12 @@ class DataPlane:
             self.metrics.skipped.labels(name, "deadline").inc(len(images))
             raise
         self._count(served, checks, time.perf_counter() - started, request_ids, items)
+        if self.flags is not None:
+            source = "infer" if inference else "explain"
+            try:
+                self.flags.keep(served.model, images, checks, request_ids, items, source=source)
+            except Exception:  # the page's store must never fail a request
+                log.exception("could not keep the flagged predictions of %s", name)
         if inference and served.martingale is not None:
             served.martingale.update([check.score for check in checks])
         return checks

@@ -31,6 +31,7 @@ from guard.evidence import (
     mps_features,
     stability_features,
 )
+from guard.gallery import input_pixels
 from guard.preprocess import (
     DEFAULT_MAX_IMAGE_PIXELS,
     Preprocessing,
@@ -100,6 +101,8 @@ class Check:
     # The value of every feature the score read (the predicted class aside: a field above).
     features: Mapping[str, float] = field(default_factory=dict)
     explained: Explained = "always"
+    # float [H, W] in [0, 1], with the MPS: how much each pixel mattered to the prediction.
+    responsibility: np.ndarray | None = None
 
     @property
     def representative(self) -> bool:
@@ -317,6 +320,11 @@ class GuardedModel:
             data, self.classifier.spec, self.preprocessing, max_image_pixels=max_image_pixels
         )
 
+    def display(self, tensor: np.ndarray) -> np.ndarray:
+        """A model input (one item) as the model saw it, in 8-bit H x W x C pixels for
+        pictures: the calibrated preprocessing undone (guard.gallery.input_pixels)."""
+        return input_pixels(tensor, self.classifier.spec, self.preprocessing)
+
     def load(self, path: str | os.PathLike[str]) -> np.ndarray:
         """An image file (preprocessed as calibrated) or an .npy tensor as a model input."""
         return load_input(Path(path), self.classifier.spec, self.preprocessing)
@@ -398,6 +406,7 @@ class GuardedModel:
                     evidence=tuple((str(t), float(c)) for t, c in verdicts.evidence[k]),
                     features={name: float(np.asarray(table[name])[k]) for name in read},
                     explained=why[k],  # type: ignore[arg-type]
+                    responsibility=None if result is None else result.responsibility,
                 )
             )
         return checks

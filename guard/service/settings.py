@@ -101,6 +101,27 @@ class ServeSettings(BaseSettings):
     )
     drift_window: int = Field(default=500, ge=10, description="recent MPS areas compared for drift")
 
+    keep_flagged: int = Field(
+        default=0,
+        ge=0,
+        le=100_000,
+        description="keep the last N flagged predictions in memory (input as the model saw "
+        "it, MPS, responsibility map, figures) for the /flags page; 0 keeps none (inputs may "
+        "be sensitive). Refused at start when N x the bytes of one item exceeds 1 GiB",
+    )
+    flagged_dir: Path | None = Field(
+        default=None,
+        description="also write each kept flagged prediction here as PNG + JSON, the newest "
+        "keep_flagged of them (older ones are deleted); nothing is written without it",
+    )
+    ui_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="serve the /flags page on this port (0: any free one) instead of the "
+        "metrics port; over TLS with tls_cert and tls_key (needed for keep_flagged with TLS)",
+    )
+
     tls_cert: Path | None = Field(default=None, description="PEM server certificate chain")
     tls_key: Path | None = Field(default=None, description="PEM private key of tls_cert")
     tls_client_ca: Path | None = Field(
@@ -123,4 +144,11 @@ class ServeSettings(BaseSettings):
             raise ValueError("tls_cert and tls_key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.flagged_dir is not None and self.keep_flagged == 0:
+            raise ValueError("flagged_dir needs keep_flagged (how many flagged items to keep)")
+        if self.keep_flagged and self.tls_cert is not None and self.ui_port is None:
+            raise ValueError(
+                "keep_flagged with TLS needs ui_port: the /flags page shows model inputs and "
+                "is served over TLS on ui_port, never on the plain-HTTP metrics port"
+            )
         return self

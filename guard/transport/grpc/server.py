@@ -11,7 +11,7 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from guard.errors import ConfigError
 from guard.service.data_plane import DataPlane
@@ -23,6 +23,8 @@ from guard.transport.grpc.generated.inference import grpc_predict_v2_pb2, grpc_p
 from guard.transport.grpc.guard_service import GuardServicer
 from guard.transport.grpc.inference import InferenceServicer
 from guard.transport.grpc.tls import check_server_files, read_pem
+from guard.transport.http.flags_page import FlagsPage
+from guard.transport.http.server import HttpServer, metrics_app, page_app, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +53,11 @@ class Sidecar:
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._draining = threading.Event()
         self._server: grpc.Server | None = None
-        self._metrics_server = None
+        self._metrics_server: HttpServer | None = None
+        self._ui_server: HttpServer | None = None
         self.port = 0
         self.metrics_port = 0
+        self.ui_port = 0  # the /flags page's own port (0: on the metrics port)
 
     @property
     def models(self) -> list[GuardedModel]:
@@ -89,16 +93,21 @@ class Sidecar:
             raise ConfigError(f"cannot listen on {address}: {exc}") from exc
         if self.port == 0:
             raise ConfigError(f"cannot listen on {address} (in use, or not a local address)")
+        page = FlagsPage(self.plane.flags)
         try:
-            self._metrics_server, _ = start_http_server(
-                s.metrics_port, addr=s.host, registry=self.registry
+            self._metrics_server = HttpServer(
+                s.host,
+                s.metrics_port,
+                metrics_app(self.registry, page if s.ui_port is None else None),
             )
         except OSError as exc:
             server.stop(None)
             raise ConfigError(
                 f"cannot serve metrics on {s.host}:{s.metrics_port}: {exc.strerror or exc}"
             ) from exc
-        self.metrics_port = self._metrics_server.server_port
+        self.metrics_port = self._metrics_server.port
+        if s.ui_port is not None:
+            self._serve_page(server, page)
         server.start()
         self._server = server
         for service in ("", INFERENCE_SERVICE, GUARD_SERVICE):
@@ -112,6 +121,33 @@ class Sidecar:
             self.models[0].classifier.provider,
             s.mode,
         )
+        if self.plane.flags is not None:
+            scheme = "https" if self._ui_server is not None and s.tls_cert else "http"
+            log.info(
+                "keeping the last %d flagged predictions (at most %.1f MiB) on %s://%s:%d/flags",
+                s.keep_flagged,
+                self.plane.flags.bound_bytes / (1 << 20),
+                scheme,
+                s.host,
+                self.ui_port or self.metrics_port,
+            )
+
+    def _serve_page(self, server: grpc.Server, page: FlagsPage) -> None:
+        """The /flags page on its own port (ui_port), over TLS when the sidecar has TLS."""
+        s = self.settings
+        assert s.ui_port is not None and self._metrics_server is not None
+        context = None
+        if s.tls_cert is not None and s.tls_key is not None:
+            context = tls_context(s.tls_cert, s.tls_key, s.tls_client_ca)
+        try:
+            self._ui_server = HttpServer(s.host, s.ui_port, page_app(page), context=context)
+        except OSError as exc:
+            server.stop(None)
+            self._metrics_server.close()
+            raise ConfigError(
+                f"cannot serve the /flags page on {s.host}:{s.ui_port}: {exc.strerror or exc}"
+            ) from exc
+        self.ui_port = self._ui_server.port
 
     def stop(self, grace: float | None = None) -> None:
         """Health to NOT_SERVING, refuse new requests, let in-flight ones finish within
@@ -123,9 +159,9 @@ class Sidecar:
         if self._server is not None:
             self._server.stop(grace).wait()
         self.plane.close(timeout=max(0.0, ends - time.monotonic()))
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
+        for http_server in (self._metrics_server, self._ui_server):
+            if http_server is not None:
+                http_server.close()
         log.info("stopped")
 
     def wait(self) -> None:

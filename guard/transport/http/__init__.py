@@ -1,0 +1,1 @@
+"""HTTP transport: the Prometheus endpoint and the /flags page of flagged predictions."""
