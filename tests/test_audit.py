@@ -435,3 +435,38 @@ def test_localisation_records_match_the_engine_run_directly(audited: Path, shape
                 (mps & mask).sum() / mps.sum()
             )
         assert float(row["mps_area_fraction"]) == pytest.approx(mps.mean())
+
+
+def test_the_report_gallery_shows_the_images_the_models_disagree_on_most(audited: Path) -> None:
+    """gallery.html: the images all models explained, those with the most different
+    predicted classes first, then the least mean MPS overlap (from records.csv and the
+    saved masks), each with the input and every model's MPS."""
+    from guard.audit.localisation import dice
+    from guard.audit.report import GALLERY_ITEMS
+
+    page = (audited / "gallery.html").read_text()
+    assert "gallery.html" in (audited / "report.md").read_text()
+    assert "<script" not in page
+    rows = _rows(audited)
+    saved = np.load(audited / "mps_masks.npz")
+    masks = {
+        name: dict(zip(saved[f"{name}__keys"].tolist(), saved[name], strict=True)) for name in NAMES
+    }
+    keys = [r["key"] for r in rows if r["model"] == NAMES[0]]
+    classes = {(r["model"], r["key"]): r["predicted_class"] for r in rows}
+
+    def disagreement(key: str) -> tuple[int, float]:
+        distinct = len({classes[(name, key)] for name in NAMES}) - 1
+        shaped = [masks[name][key] for name in NAMES]
+        overlaps = [dice(a, b) for i, a in enumerate(shaped) for b in shaped[i + 1 :]
+                    if a.shape == b.shape]  # fmt: skip
+        return distinct, 1 - float(np.mean(overlaps))
+
+    expected = sorted(keys, key=disagreement, reverse=True)[:GALLERY_ITEMS]
+    cards = page.split('<article class="card">')[1:]
+    assert len(cards) == len(expected) == GALLERY_ITEMS
+    for card, key in zip(cards, expected, strict=True):
+        assert card.startswith(f"<h2>{key}: label ")
+        assert card.count('src="data:image/png;base64,') == 1 + len(NAMES)
+        differ = disagreement(key)[0] > 0
+        assert ("predictions differ" if differ else "MPSs differ") in card

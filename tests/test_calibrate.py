@@ -252,3 +252,36 @@ def test_the_shipped_demo_calibration_belongs_to_the_demo_model(demo_classifier)
     assert EngineSettings.model_validate(artifact.engine) == EngineSettings()  # ReX defaults
     assert Preprocessing.model_validate(artifact.preprocessing) == PREPROCESSING
     assert artifact.metrics.n_items == len(np.load(demo.DEMO_HELDOUT)["y"])
+
+
+def test_the_report_gallery_shows_the_top_scored_held_out_items_with_their_mps(
+    calibrated: Path,
+) -> None:
+    """gallery.html: the held-out correct and incorrect items with the highest deployed
+    scores (from records.csv), in that order, each with its input, responsibility map and
+    recomputed MPS, which is the one the record was made from (the same area)."""
+    import re
+
+    from guard.calibration.report import GALLERY_ITEMS
+
+    report = calibrated / "report"
+    page = (report / "gallery.html").read_text()
+    assert "gallery.html" in (report / "report.md").read_text()
+    assert "<script" not in page and "http" not in page.split("</style>")[1]
+    summary = json.loads((report / "summary.json").read_text())
+    with (report / "records.csv").open() as handle:
+        rows = [r for r in csv.DictReader(handle) if r["split"].startswith("holdout")]
+    score = f"score_{summary['selected_score']}"
+    ranked = sorted(rows, key=lambda r: -float(r[score]))  # stable: data order among ties
+    expected = [r for r in ranked if r["correct"] == "1"][:GALLERY_ITEMS]
+    expected += [r for r in ranked if r["correct"] == "0"][:GALLERY_ITEMS]
+    cards = page.split('<article class="card">')[1:]
+    assert len(cards) == len(expected) > GALLERY_ITEMS
+    for card, row in zip(cards, expected, strict=True):
+        assert card.startswith(f"<h2>{row['key']}: label {row['label']}, predicted")
+        badge = re.search(r'<span class="badge">([^<]*)</span>', card)[1]
+        assert (badge != "passed") == (row["flagged"] == "1")
+        assert card.count("<img ") == 3 and card.count('src="data:image/png;base64,') == 3
+        area = float(row["mps_area_fraction"])
+        assert f"<dd>{100 * area:.1f}% of pixels</dd>" in card  # the record's
+        assert f"MPS {100 * area:.1f}% of pixels</figcaption>" in card  # the recomputed mask's

@@ -1,16 +1,20 @@
-"""The audit report: summary.json, records.csv, mps_masks.npz, report.md and the violin plot.
+"""The audit report: summary.json, records.csv, mps_masks.npz, report.md, the violin plot
+and gallery.html.
 
 records.csv holds every model's record of every item and mps_masks.npz every MPS under every
-seed, so each figure of the report can be recomputed independently of this code.
+seed, so each figure of the report can be recomputed independently of this code. gallery.html
+shows the images the models disagree on most, with each model's MPS over the input.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -18,10 +22,26 @@ matplotlib.use("Agg")  # files only; never a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from guard.audit.localisation import LOCALISATION_METRICS  # noqa: E402
+from guard.audit.localisation import LOCALISATION_METRICS, dice  # noqa: E402
 from guard.audit.statistics import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE  # noqa: E402
 from guard.audit.summary import ModelOutcome, with_ci  # noqa: E402
+from guard.gallery import (  # noqa: E402
+    Card,
+    Section,
+    input_pixels,
+    overlay_panel,
+    panel,
+    rgb,
+    write_gallery,
+)
 from guard.numbers import number, p_value  # noqa: E402
+
+if TYPE_CHECKING:
+    from guard.audit.run import AuditRecord
+    from guard.datasets import LabelledData
+
+# Images in gallery.html.
+GALLERY_ITEMS = 8
 
 LOCALISATION_LABELS = {
     "mask_share": "mask share",
@@ -94,13 +114,118 @@ DEFINITIONS = [
 ]
 
 
-def write_report(directory: Path, outcomes: list[ModelOutcome], summary: dict[str, Any]) -> None:
+def write_report(
+    directory: Path,
+    outcomes: list[ModelOutcome],
+    summary: dict[str, Any],
+    data_sets: Sequence[LabelledData] | None = None,
+) -> None:
+    """The report in ``directory``; with each model's ``data_sets`` (as it read the data) and
+    two or more models, gallery.html too."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _write_records(directory / "records.csv", outcomes)
     _write_masks(directory / "mps_masks.npz", outcomes)
     _plot_violin(directory / "mps_area_violin.png", outcomes)
-    (directory / "report.md").write_text(_markdown(summary, outcomes))
+    markdown = _markdown(summary, outcomes)
+    if data_sets is not None and len(outcomes) > 1:
+        shown = write_disagreement_gallery(directory / "gallery.html", outcomes, data_sets)
+        markdown += (
+            "\n## Where the models disagree most\n\n"
+            f"[gallery.html](gallery.html): the {shown} images the models disagree on most (the "
+            "most different predicted classes, then the least MPS overlap), with each model's "
+            "MPS over the input.\n"
+        )
+    (directory / "report.md").write_text(markdown)
+
+
+def disagreement(
+    records: Sequence[AuditRecord], shapes: Sequence[tuple[int, int]]
+) -> tuple[int, float]:
+    """How much the models disagree on one image: the number of distinct predicted classes
+    beyond one, then 1 - the mean Dice of their MPSs over the pairs of models with the same
+    input size (0 where no pair has)."""
+    classes = len({r.predicted_class for r in records}) - 1
+    overlaps = [
+        dice(a.mps_mask(*shape), b.mps_mask(*shape))
+        for (a, shape), (b, other) in itertools.combinations(zip(records, shapes, strict=True), 2)
+        if shape == other
+    ]
+    return classes, (1.0 - float(np.mean(overlaps))) if overlaps else 0.0
+
+
+def write_disagreement_gallery(
+    path: Path,
+    outcomes: list[ModelOutcome],
+    data_sets: Sequence[LabelledData],
+    count: int = GALLERY_ITEMS,
+) -> int:
+    """gallery.html: the ``count`` images every model explained that they disagree on most
+    (``disagreement``); how many it shows."""
+    shapes = [o.model.shape for o in outcomes]
+    by_key = [{r.key: r for r in o.records} for o in outcomes]
+    matched = [r.key for r in outcomes[0].records if all(r.key in found for found in by_key)]
+    ranked = sorted(
+        matched,
+        key=lambda key: disagreement([found[key] for found in by_key], shapes),
+        reverse=True,
+    )[:count]
+    wanted = set(ranked)
+    inputs = [
+        {
+            item.key: item.tensor
+            for item in data.items(skip=set(data.keys) - wanted)
+            if item.tensor is not None
+        }
+        for data in data_sets
+    ]
+    cards = []
+    for key in ranked:
+        if not all(key in found for found in inputs):
+            continue
+        records = [found[key] for found in by_key]
+        classes, apart = disagreement(records, shapes)
+        names = data_sets[0].class_names
+        panels = [panel("input", rgb(_display(data_sets[0], inputs[0][key])))]
+        figures = [("label", _class(names, records[0].label))]
+        for outcome, data, found, record in zip(outcomes, data_sets, inputs, records, strict=True):
+            name = outcome.model.name
+            pixels = _display(data, found[key])
+            caption = f"{name}: {_class(names, record.predicted_class)}"
+            panels.append(overlay_panel(caption, pixels, record.mps_mask(*outcome.model.shape)))
+            figures.append(
+                (name, f"class {_class(names, record.predicted_class)}, confidence "
+                       f"{record.confidence:.3f}, MPS {100 * record.mps_area_fraction:.1f}%"
+                       + ("" if record.correct else " (wrong)"))
+            )  # fmt: skip
+        figures.append(("mean MPS Dice", "n/a" if apart == 0.0 and classes else f"{1 - apart:.3f}"))
+        cards.append(
+            Card(
+                title=f"{key}: label {_class(names, records[0].label)}",
+                panels=panels,
+                figures=figures,
+                badge="predictions differ" if classes else "MPSs differ",
+            )
+        )
+    write_gallery(
+        path,
+        "Audit: where the models disagree most",
+        "The images every model explained, ordered by how many different classes the models "
+        "predict, then by how little their MPSs overlap (mean Dice of the first seed's MPSs "
+        "over pairs of models with the same input size). Panels: the input, then each model's "
+        "MPS (green) over the input as that model saw it.",
+        [Section("Images", cards, "No image was explained by every model.")],
+    )
+    return len(cards)
+
+
+def _display(data: LabelledData, tensor: np.ndarray) -> np.ndarray:
+    return input_pixels(tensor, data.spec, data.preprocessing)
+
+
+def _class(names: list[str], index: int) -> str:
+    name = names[index] if 0 <= index < len(names) else ""
+    return str(index) if not name or name == str(index) else f"{index} ({name})"
 
 
 def _write_records(path: Path, outcomes: list[ModelOutcome]) -> None:

@@ -1,7 +1,10 @@
-"""The calibration report: summary.json, records.csv, report.md and PNG plots.
+"""The calibration report: summary.json, records.csv, report.md, PNG plots and gallery.html.
 
 Every figure in the report is computed from the per-item records written next to it
-(records.csv), so anyone can recompute it independently.
+(records.csv), so anyone can recompute it independently. gallery.html shows the held-out
+items the deployed score finds most suspicious, correct and incorrect, with their MPSs
+recomputed (the records keep no masks; the engine is deterministic, so they are the MPSs the
+records were made from).
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -20,8 +23,24 @@ import numpy as np  # noqa: E402
 from guard.calibration import detection_metrics as metrics  # noqa: E402
 from guard.calibration.fit import FitResult  # noqa: E402
 from guard.calibration.records import ItemRecord, feature_table  # noqa: E402
+from guard.gallery import (  # noqa: E402
+    Card,
+    Section,
+    evidence_text,
+    explanation_panels,
+    input_pixels,
+    write_gallery,
+)
+from guard.gallery import number as figure  # noqa: E402
 from guard.numbers import number  # noqa: E402
 from guard.verdict.artifact import CalibrationArtifact  # noqa: E402
+
+if TYPE_CHECKING:
+    from guard.datasets import LabelledData
+    from guard.engine import MpsEngine
+
+# Items per group (correct, incorrect) in gallery.html.
+GALLERY_ITEMS = 6
 
 SCORE_LABELS = {
     "mps": "MPS area (posterior)",
@@ -117,7 +136,12 @@ def write_report(
     fit: FitResult,
     records: list[ItemRecord],
     skipped: list[tuple[str, str]],
+    *,
+    data: LabelledData | None = None,
+    engine: MpsEngine | None = None,
 ) -> None:
+    """The report in ``directory``; with the ``data`` the records were made from and their
+    ``engine``, gallery.html too (the MPSs of its few items are recomputed)."""
     directory.mkdir(parents=True, exist_ok=True)
     split = _splits(fit, len(records))
     _write_records(directory / "records.csv", records, split, artifact, fit)
@@ -131,7 +155,103 @@ def write_report(
     _plot_areas(directory / "mps_area.png", records)
     _plot_roc(directory / "roc.png", scores, incorrect)
     _plot_risk_coverage(directory / "risk_coverage.png", scores, incorrect)
-    (directory / "report.md").write_text(_markdown(facts, artifact, records, skipped))
+    markdown = _markdown(facts, artifact, records, skipped)
+    if data is not None and engine is not None:
+        shown = write_suspicious_gallery(
+            directory / "gallery.html", artifact, fit, records, data, engine
+        )
+        markdown += (
+            "\n## Most suspicious held-out items\n\n"
+            f"[gallery.html](gallery.html): the {shown} held-out items with the highest scores, "
+            "correct and incorrect, with their inputs, responsibility maps and MPSs.\n"
+        )
+    (directory / "report.md").write_text(markdown)
+
+
+def suspicious_items(
+    artifact: CalibrationArtifact, fit: FitResult, records: list[ItemRecord], count: int
+) -> tuple[list[int], list[int]]:
+    """The held-out records (indices) the deployed score ranks highest: up to ``count``
+    correct predictions (false alarms first) and ``count`` incorrect ones, highest first."""
+    holdout = np.sort(np.concatenate([fit.reference_indices, fit.evaluation_indices])).astype(int)
+    if not len(holdout):
+        return [], []
+    scores = artifact.detector.evaluate(feature_table([records[i] for i in holdout])).score
+    order = holdout[np.argsort(-np.asarray(scores), kind="stable")]
+    correct = [int(i) for i in order if records[i].correct][:count]
+    incorrect = [int(i) for i in order if not records[i].correct][:count]
+    return correct, incorrect
+
+
+def write_suspicious_gallery(
+    path: Path,
+    artifact: CalibrationArtifact,
+    fit: FitResult,
+    records: list[ItemRecord],
+    data: LabelledData,
+    engine: MpsEngine,
+    count: int = GALLERY_ITEMS,
+) -> int:
+    """gallery.html of ``suspicious_items``, their MPSs recomputed; how many it shows."""
+    correct, incorrect = suspicious_items(artifact, fit, records, count)
+    chosen = correct + incorrect
+    wanted = {records[i].key for i in chosen}
+    tensors = {
+        item.key: item.tensor
+        for item in data.items(skip=set(data.keys) - wanted)
+        if item.tensor is not None
+    }
+    chosen = [i for i in chosen if records[i].key in tensors]
+    images = np.stack([tensors[records[i].key] for i in chosen]) if chosen else None
+    results = engine.explain_batch(images) if images is not None else []
+    chosen_records = [records[i] for i in chosen]
+    verdicts = artifact.detector.evaluate(feature_table(chosen_records)) if chosen else None
+    cards: dict[int, Card] = {}
+    for k, (i, result) in enumerate(zip(chosen, results, strict=True)):
+        assert verdicts is not None and images is not None
+        record = records[i]
+        names = data.class_names
+        pixels = input_pixels(images[k], data.spec, data.preprocessing)
+        cards[i] = Card(
+            title=f"{record.key}: label {_class(names, record.label)}, "
+            f"predicted {_class(names, record.predicted_class)}",
+            panels=explanation_panels(pixels, result.mps_mask, result.responsibility),
+            figures=[
+                ("confidence", figure(record.confidence)),
+                ("score", figure(float(verdicts.score[k]), 4)),
+                ("p-value", figure(float(verdicts.p_value[k]), 4)),
+                ("MPS area", f"{100 * record.mps_area_fraction:.1f}% of pixels"),
+                ("evidence", evidence_text(verdicts.evidence[k])),
+            ],
+            badge=str(verdicts.reason[k]) if verdicts.flagged[k] else "passed",
+        )
+    score = SCORE_LABELS.get(artifact.detector.score_kind, artifact.detector.score_kind)
+    write_gallery(
+        path,
+        "Calibration: the most suspicious held-out items",
+        f"The held-out items (not used to fit the score) with the highest scores of the deployed "
+        f"score, {score}, at alpha {artifact.detector.alpha}; the badge is the verdict (the "
+        "flag reason, or passed). Panels: the input as the model saw it, the responsibility "
+        "map, the MPS (green) over the input.",
+        [
+            Section(
+                "Correct predictions with the highest scores (false alarms first)",
+                [cards[i] for i in correct if i in cards],
+                "No held-out correct prediction.",
+            ),
+            Section(
+                "Incorrect predictions with the highest scores (errors caught first)",
+                [cards[i] for i in incorrect if i in cards],
+                "No held-out incorrect prediction.",
+            ),
+        ],
+    )
+    return len(cards)
+
+
+def _class(names: list[str], index: int) -> str:
+    name = names[index] if 0 <= index < len(names) else ""
+    return str(index) if not name or name == str(index) else f"{index} ({name})"
 
 
 def _write_records(

@@ -40,7 +40,10 @@ Option = typer.Option
 ModelsOpt = Annotated[list[Path], Option(help="ONNX classifier; repeat for every model to compare")]
 DataOpt = Annotated[Path, Option(help=DATA_HELP)]
 ReportOpt = Annotated[
-    Path, Option(help="write summary.json, records.csv, report.md, plots and the cache here")
+    Path,
+    Option(
+        help="write summary.json, records.csv, report.md, plots, gallery.html and the cache here"
+    ),
 ]
 MasksOpt = Annotated[
     Path | None,
@@ -114,7 +117,7 @@ def audit(
     report_ray(executor)
     _report_skipped(outcomes)
     summary = _summarise(outcomes, audited, level, len(data_sets[0].keys), truth)
-    write_report(report, outcomes, summary)
+    write_report(report, outcomes, summary, data_sets)
     _print_summary(summary, report)
 
 

@@ -44,7 +44,8 @@ Option = typer.Option
 DataArg = Annotated[Path, typer.Argument(metavar="DATA", help=DATA_HELP)]
 OutOpt = Annotated[Path, Option(help="calibration artifact (JSON) to write")]
 ReportOpt = Annotated[
-    Path | None, Option(help="write summary.json, records.csv, report.md and plots here")
+    Path | None,
+    Option(help="write summary.json, records.csv, report.md, plots and gallery.html here"),
 ]
 AlphaOpt = Annotated[float, Option(help="false-alarm rate allowed on correct predictions")]
 ScoreOpt = Annotated[
@@ -127,7 +128,7 @@ def calibrate(
     _report_skipped(result.skipped)
     fit = _fit(result, fitting)
     artifact = _artifact(fit, runtime, data_set, result)
-    _write(artifact, out, report, fit, result)
+    _write(artifact, out, report, fit, result, data_set, runtime)
     _print_summary(artifact, out, report, resumed=result.resumed)
 
 
@@ -246,6 +247,8 @@ def _write(
     report: Path | None,
     fit: FitResult,
     result: RunResult,
+    data_set: LabelledData,
+    runtime: Runtime,
 ) -> None:
     from guard.calibration.report import write_report
     from guard.verdict.artifact import save_artifact
@@ -253,7 +256,10 @@ def _write(
     out.parent.mkdir(parents=True, exist_ok=True)
     save_artifact(artifact, out)
     if report is not None:
-        write_report(report, artifact, fit, result.records, result.skipped)
+        write_report(
+            report, artifact, fit, result.records, result.skipped,
+            data=data_set, engine=runtime.engine,
+        )  # fmt: skip
 
 
 def _print_summary(
