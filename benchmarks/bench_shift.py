@@ -382,6 +382,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     reference = Pool.of(calibration, detector)
     horizon = min(args.horizon, clean.area.size)
+    if horizon < args.min_items:
+        raise SystemExit(
+            f"the clean traffic half has {clean.area.size} items, fewer than --min-items "
+            f"{args.min_items}: use a larger --limit"
+        )
     if horizon < args.horizon:
         say(f"horizon {horizon}: the clean traffic half has {clean.area.size} items")
     s = StreamSettings(horizon, args.batch, args.window, args.min_items, 1.0 / args.delta)
