@@ -6,7 +6,6 @@ from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
-from scipy.ndimage import gaussian_filter
 
 from guard.errors import ConfigError
 
@@ -49,6 +48,8 @@ class Baseline(BaseModel):
             return np.broadcast_to(values.reshape(shape), image.shape).copy()
         sigma = [self.sigma] * image.ndim
         sigma[channel_axis] = 0.0  # blur space, never mix channels
+        from scipy.ndimage import gaussian_filter  # only for blur; keeps `guard --help` light
+
         return gaussian_filter(image.astype(np.float64), sigma=sigma).astype(image.dtype)
 
 

@@ -38,7 +38,10 @@ class ServeSettings(BaseSettings):
     allow_model_mismatch: bool = Field(
         default=False, description="serve a model whose sha256 differs from the calibration's"
     )
-    provider: Literal["auto", "cpu", "cuda"] = "auto"
+    provider: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto",
+        description="execution provider: cuda where available with auto (CPU otherwise), or forced",
+    )
 
     host: str = Field(default="0.0.0.0", description="bind address of both ports")
     port: int = Field(default=50051, ge=0, le=65535, description="gRPC port (0: any free one)")
@@ -128,7 +131,9 @@ class ServeSettings(BaseSettings):
         default=None, description="PEM CA bundle: require client certificates (mutual TLS)"
     )
 
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="level of the plain log lines (verdict lines are separate)"
+    )
     log_verdicts: bool = Field(default=True, description="one JSON log line per verdict")
 
     @property
