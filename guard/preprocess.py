@@ -34,6 +34,11 @@ _WIDE_WHITE = {"F": 1.0, "I": 65535.0, "I;16": 65535.0, "I;16L": 65535.0, "I;16B
 class Preprocessing(BaseModel):
     """How an image file becomes a model input: ``((pixel * scale) - mean) / std``.
 
+    Geometry: the image is resized to the model's input size, or, as ImageNet classifiers
+    expect, first resized with its aspect ratio kept (``resize_shorter``) and cut at the centre
+    (``center_crop``, by default the model's size), then resized only where that crop has
+    another size than the model's input.
+
     Pixels are on the 8-bit scale (0..255) whatever the file holds: 16-bit images are scaled
     down (``v / 257``), float images read 0..1 as black..white (``v * 255``); values outside
     those ranges are refused, never clipped.
@@ -65,6 +70,17 @@ class Preprocessing(BaseModel):
         default=None, description="per-channel, after scale"
     )
     resize: Literal["nearest", "bilinear", "bicubic"] = "bilinear"
+    resize_shorter: int | None = Field(
+        default=None,
+        ge=1,
+        description="first resize the image so that its shorter side has this many pixels, "
+        "keeping its aspect ratio (the longer side is truncated, as torchvision's Resize)",
+    )
+    center_crop: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] | None = Field(
+        default=None,
+        description="then cut (height, width) pixels from the centre; with resize_shorter and "
+        "no center_crop, the model's input size is cut",
+    )
     alpha: Literal["composite", "refuse", "ignore"] = Field(
         default="composite",
         description="transparent pixels, for L and RGB models: drawn over alpha_background, "
@@ -73,6 +89,17 @@ class Preprocessing(BaseModel):
     alpha_background: int = Field(
         default=0, ge=0, le=255, description="8-bit grey level that transparent pixels show"
     )
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> Preprocessing:
+        """A crop must fit inside any image resized to ``resize_shorter``."""
+        if self.resize_shorter is not None and self.center_crop is not None:
+            if max(self.center_crop) > self.resize_shorter:
+                raise ValueError(
+                    f"center_crop: {self.center_crop[0]}x{self.center_crop[1]} does not fit in "
+                    f"an image whose shorter side is resize_shorter ({self.resize_shorter})"
+                )
+        return self
 
     @model_validator(mode="after")
     def _finite_inputs(self) -> Preprocessing:
@@ -242,9 +269,49 @@ def _narrow_pixels(
         del rgba, alpha
     if converted is None:
         converted = image.convert(mode)
-    if converted.size != (spec.width, spec.height):
-        converted = converted.resize((spec.width, spec.height), _RESAMPLING[preprocessing.resize])
-    return np.asarray(converted, dtype=np.float32)
+    return np.asarray(fit_to_model(converted, spec, preprocessing), dtype=np.float32)
+
+
+def fit_to_model(image: Image.Image, spec: ModelSpec, preprocessing: Preprocessing) -> Image.Image:
+    """The image at the model's input size: ``resize_shorter`` (aspect kept), ``center_crop``
+    (the model's size by default after ``resize_shorter``), then a resize to the model's size
+    where the crop (or the whole image, with neither setting) has another size."""
+    filter_ = _RESAMPLING[preprocessing.resize]
+    if preprocessing.resize_shorter is not None:
+        image = image.resize(shorter_side_size(image.size, preprocessing.resize_shorter), filter_)
+    crop = preprocessing.center_crop
+    if crop is None and preprocessing.resize_shorter is not None:
+        crop = (spec.height, spec.width)
+    if crop is not None:
+        image = image.crop(center_crop_box(image.size, crop))
+    if image.size != (spec.width, spec.height):
+        image = image.resize((spec.width, spec.height), filter_)
+    return image
+
+
+def shorter_side_size(size: tuple[int, int], shorter: int) -> tuple[int, int]:
+    """(width, height) with the shorter side ``shorter`` and the longer one scaled and truncated,
+    as torchvision's ``Resize(shorter)``."""
+    width, height = size
+    if width <= height:
+        return shorter, int(shorter * height / width)
+    return int(shorter * width / height), shorter
+
+
+def center_crop_box(size: tuple[int, int], crop: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Pillow's (left, top, right, bottom) of a (height, width) crop at the centre of an image
+    of (width, height) ``size``, placed as torchvision's ``CenterCrop``; refused if it does
+    not fit (a ``center_crop`` larger than the image, without ``resize_shorter``)."""
+    width, height = size
+    crop_height, crop_width = crop
+    if crop_height > height or crop_width > width:
+        raise InvalidInputError(
+            f"image is {width}x{height} after resizing; the center crop "
+            f"({crop_height}x{crop_width}, height x width) does not fit in it"
+        )
+    top = int(round((height - crop_height) / 2.0))
+    left = int(round((width - crop_width) / 2.0))
+    return left, top, left + crop_width, top + crop_height
 
 
 def _has_alpha(image: Image.Image) -> bool:
@@ -285,12 +352,9 @@ def _wide_pixels(
                 grey[transparent] = preprocessing.alpha_background
         del transparent
     del values
-    size, filter_ = (spec.width, spec.height), _RESAMPLING[preprocessing.resize]
     picture = Image.fromarray(grey)  # mode F
     del grey
-    if picture.size != size:
-        picture = picture.resize(size, filter_)
-    out = np.asarray(picture, dtype=np.float32)
+    out = np.asarray(fit_to_model(picture, spec, preprocessing), dtype=np.float32)
     if mode == "L":
         return out
     channels = [out, out, out]
@@ -298,12 +362,7 @@ def _wide_pixels(
         if opaque is None:
             channels.append(np.full_like(out, 255.0))
         else:
-            channels.append(
-                np.asarray(
-                    opaque.resize(size, filter_) if opaque.size != size else opaque,
-                    dtype=np.float32,
-                )
-            )
+            channels.append(np.asarray(fit_to_model(opaque, spec, preprocessing), np.float32))
     return np.stack(channels, axis=-1)
 
 
