@@ -168,23 +168,11 @@ def p90(values: np.ndarray) -> float:
     return float(np.percentile(values, 90))
 
 
-# rex-xai's float32 rounding stays well below this relative gap between ranking values
-NEAR_TIE = 1e-4
-
-
 def spread(count: int, limit: int | None) -> np.ndarray:
     """``limit`` indices spread evenly over ``count`` items (all of them without a limit)."""
     if limit is None or limit >= count:
         return np.arange(count)
     return np.unique(np.linspace(0, count - 1, limit).round().astype(np.int64))
-
-
-def near_tie(row: dict) -> bool:
-    """rex-xai's float32 ranking nearly ties at its MPS boundary (see tests/test_fidelity.py)."""
-    inside, outside = row.get("responsibility_inside_min"), row.get("responsibility_outside_max")
-    if inside is None or outside is None or inside <= 0:
-        return False
-    return 0 < (inside - outside) / inside < NEAR_TIE
 
 
 def bench_model(name: str, model: Path, data: Path, args: argparse.Namespace) -> dict:
@@ -258,7 +246,6 @@ def bench_model(name: str, model: Path, data: Path, args: argparse.Namespace) ->
         rex_seconds = np.array([r["seconds"] for r in rex[0]])
         rex_masks = np.stack([r["mps_mask"] for r in rex[0]])
         same_mask = (rex_stream.masks == rex_masks).all(axis=(1, 2))
-        ties = np.array([near_tie(r) for r in rex[0]])
         strict = run_engine(classifier, x, settings.model_copy(update={"empty_mps": True}), None)
         row.update(
             {
@@ -280,8 +267,6 @@ def bench_model(name: str, model: Path, data: Path, args: argparse.Namespace) ->
                 "empty_mps_vs_rex_spearman": spearman(strict.areas, rex_areas[0]),
                 "rex_stream_same_area": float(np.mean(rex_stream.areas == rex_areas[0])),
                 "rex_stream_same_mask": float(np.mean(same_mask)),
-                "rex_near_ties": int(ties.sum()),
-                "rex_stream_other_mask_not_near_tie": int((~same_mask & ~ties).sum()),
             }
         )
     return row
@@ -310,7 +295,7 @@ def print_tables(rows: list[dict]) -> None:
         print(
             "\n| model | images | MPS area median engine / rex-xai (ratio) | Spearman engine-rex | "
             "Spearman rex-rex (seed 0 vs 1000) | one-chunk MPSs engine / rex | empty_mps: area "
-            "median, Spearman with rex | rex stream: same area | same mask (near-ties) |"
+            "median, Spearman with rex | rex stream: same area | same mask |"
         )
         print("|---|---|---|---|---|---|---|---|---|")
         for r in rex_rows:
@@ -321,8 +306,7 @@ def print_tables(rows: list[dict]) -> None:
                 f"{r['rex_vs_rex_seed1_spearman']:.3f} | {r['one_chunk_fraction']:.2f} / "
                 f"{r['rex_one_chunk_fraction']:.2f} | {r['empty_mps_area_median']:.4f}, "
                 f"{r['empty_mps_vs_rex_spearman']:.3f} | {r['rex_stream_same_area']:.1%} | "
-                f"{r['rex_stream_same_mask']:.1%} ({r['rex_near_ties']}; other differences: "
-                f"{r['rex_stream_other_mask_not_near_tie']}) |"
+                f"{r['rex_stream_same_mask']:.1%} |"
             )
         print(
             "\n| model | rex-xai s/MPS (median, p90) | rex-xai / engine | rex evals/MPS | MPS area median engine / rex | Spearman engine-rex | Spearman rex-rex (seed 0 vs 1000) | Spearman engine-engine (seed 0 vs 1) |"

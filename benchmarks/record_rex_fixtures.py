@@ -8,7 +8,7 @@ use); the fixtures keep only what ``tests/test_fidelity.py`` needs to check, wit
 that the engine with ``random_stream="rex"`` reproduces rex-xai: the image indices, rex-xai's
 predicted class, MPS area and mask (packed bits), and rex-xai's own float32 responsibility on
 both sides of the MPS boundary (the smallest value inside the mask, the largest outside), which
-tells the test where float32 near-ties may order pixels differently from the engine's exact sums.
+the engine's replay of rex-xai's float32 arithmetic must reproduce to the bit.
 
 Two models with different failure modes of a naive reimplementation:
 - ``digits_rgb``: many MPSs are a single chunk, and the all-baseline input gets class 4, so

@@ -186,7 +186,7 @@ def run_reference(
     ``phase2_seconds``, ``sufficiency_confidence``, rex's ``run_stats``, and
     ``responsibility_inside_min`` / ``responsibility_outside_max``: rex's float32 responsibility
     at the MPS boundary (the smallest value inside the mask, the largest outside; None where a
-    side is empty), which shows where float32 near-ties could reorder the ranking.
+    side is empty), to check a replay of its float32 arithmetic against.
     """
     model = Path(model).resolve()
     workdir = Path(workdir).resolve()

@@ -140,8 +140,8 @@ def main() -> int:
                 m = m[0]
             m2 = m.any(axis=0) if data.model_order == "first" else m.any(axis=-1)
             h, w = m2.shape
-            # rex-xai's own ranking values (float32) on both sides of the MPS boundary: where
-            # they nearly tie, float32 rounding can order pixels unlike exact arithmetic does.
+            # rex-xai's own ranking values (float32) on both sides of the MPS boundary, to check
+            # a replay of its float32 arithmetic against (exact sums order near-ties otherwise).
             r_map = np.asarray(exp.target_map.detach().cpu().numpy(), dtype=np.float64)
             r_map = r_map.reshape(h, w)
             inside = float(r_map[m2].min()) if m2.any() else None

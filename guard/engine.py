@@ -22,7 +22,7 @@ from typing import Protocol
 import numpy as np
 
 from guard.algorithm.extraction import PrefixSearch, rank_pixels
-from guard.algorithm.landscape import Landscapes, combine_runs
+from guard.algorithm.landscape import Landscapes, combine_runs, combine_runs_rex
 from guard.errors import ConfigError, DeadlineExceededError
 from guard.runtime.spec import ModelSpec
 from guard.settings import EngineSettings
@@ -202,6 +202,7 @@ class MpsEngine:
             search_limit=s.search_limit,
             form=s.responsibility_form,
             stream=s.random_stream,
+            combination=s.combination,
         )
         while True:
             masks, runs = landscapes.propose()
@@ -212,7 +213,8 @@ class MpsEngine:
             del masks  # freed before the next level's masks are allocated, so malloc reuses it
             landscapes.update(verdicts)
         maps = landscapes.responsibility.reshape(count, s.iters, spec.height, spec.width)
-        return np.stack([combine_runs(image_maps, s.combination) for image_maps in maps])
+        combine = combine_runs_rex if s.random_stream == "rex" else combine_runs
+        return np.stack([combine(image_maps, s.combination) for image_maps in maps])
 
     def _extract(
         self,

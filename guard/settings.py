@@ -43,9 +43,9 @@ class EngineSettings(BaseModel):
     )
     random_stream: RandomStream = Field(
         default="counter",
-        description="counter: a stream per (seed, run); rex: rex-xai 0.4.1's per-run "
-        "RandomState(seed + run + 1), so the same seed gives rex-xai's MPS (and, as in "
-        "rex-xai, seeds s and s + 1 share 19 of 20 runs)",
+        description="counter: a stream per (seed, run), responsibility in exact sums; rex: "
+        "rex-xai 0.4.1's per-run RandomState(seed + run + 1) and its float32 sums, so the same "
+        "seed gives rex-xai's MPS (and, as in rex-xai, seeds s and s + 1 share 19 of 20 runs)",
     )
     confidence_filter: float = Field(
         default=0.0,

@@ -15,6 +15,7 @@ from guard.algorithm.landscape import (
     RexStreams,
     child_weights,
     combine_runs,
+    combine_runs_rex,
     mutant_masks,
     paint_rects,
     run_keys,
@@ -254,9 +255,17 @@ def _rex_cut(seed: int, run: int) -> Cut:
 
 
 def _sequential_rex_run(height: int, width: int, cut: Cut, passes: Oracle, *,
-                        min_box_size: int = 10, tree_depth: int = 10) -> np.ndarray:  # fmt: skip
-    """One ReX run written as rex-xai 0.4.1 does it: box by box, one mutant at a time."""
-    responsibility = np.zeros((height, width))
+                        min_box_size: int = 10, tree_depth: int = 10,
+                        float32_start: float | None = None) -> np.ndarray:  # fmt: skip
+    """One ReX run written as rex-xai 0.4.1 does it: box by box, one mutant at a time.
+
+    Exact sums from 0, or with ``float32_start`` rex-xai's float32 run map from that start
+    (``ResponsibilityMaps.new_map`` and ``update_maps``).
+    """
+    if float32_start is None:
+        responsibility = np.zeros((height, width))
+    else:
+        responsibility = np.full((height, width), float32_start, dtype=np.float32)
     job, depth = [(0, height, 0, width)], 0
     while True:
         processed = []
@@ -274,9 +283,11 @@ def _sequential_rex_run(height: int, width: int, cut: Cut, passes: Oracle, *,
                 verdicts.append(passes(mask))
             for keep, ok in zip(COMBINATIONS, verdicts, strict=True):
                 if ok:
-                    for rect, kept in zip(children, keep, strict=True):
+                    shares = np.zeros(4, dtype=responsibility.dtype)  # rex: float32 zeros
+                    shares[keep] += 1 / keep.sum()
+                    for rect, kept, share in zip(children, keep, shares, strict=True):
                         if kept:
-                            responsibility[rect[0] : rect[1], rect[2] : rect[3]] += 1 / keep.sum()
+                            responsibility[rect[0] : rect[1], rect[2] : rect[3]] += share
             static_area = sum((r[1] - r[0]) * (r[3] - r[2]) for r in static)
             processed.append((children, verdicts, static_area))
         if not processed or not any(processed[-1][1]):
@@ -315,10 +326,42 @@ def test_vectorised_runs_equal_a_sequential_rex_run(seed: int, stream: str) -> N
     _drive(landscapes, passes)
     draws = split_draws(run_keys(seed, runs), 7)
     for row, run in enumerate(runs):
-        cut = _counter_cut(draws[row]) if stream == "counter" else _rex_cut(seed, run)
-        expected = _sequential_rex_run(24, 20, cut, passes, min_box_size=6, tree_depth=6)
-        assert np.allclose(landscapes.responsibility[row], expected)
+        if stream == "counter":
+            expected = _sequential_rex_run(
+                24, 20, _counter_cut(draws[row]), passes, min_box_size=6, tree_depth=6
+            )
+            assert np.allclose(landscapes.responsibility[row], expected)
+        else:  # rex-xai's float32 run map, to the bit
+            expected = _sequential_rex_run(24, 20, _rex_cut(seed, run), passes, min_box_size=6,
+                                           tree_depth=6, float32_start=1.0)  # fmt: skip
+            assert np.array_equal(landscapes.responsibility[row] + 1.0, expected)
     assert landscapes.responsibility.any()
+
+
+def test_rex_stream_additive_run_maps_are_rex_xais_float32_sums_from_zero() -> None:
+    passes = _oracle(4)
+    landscapes = Landscapes(24, 20, np.arange(3), seed=2, min_box_size=6, stream="rex",
+                            combination="additive")  # fmt: skip
+    _drive(landscapes, passes)
+    for run in range(3):
+        expected = _sequential_rex_run(24, 20, _rex_cut(2, run), passes, min_box_size=6,
+                                       float32_start=0.0)  # fmt: skip
+        assert np.array_equal(landscapes.responsibility[run], expected)
+
+
+def test_rex_combination_is_rex_xais_float32_merge() -> None:
+    """``ResponsibilityMaps.merge``: multiply by each run's map, then divide by the maximum."""
+    rng = np.random.default_rng(5)
+    thirds = np.float32(1 / 3)
+    run_maps = 1 + (rng.integers(0, 9, size=(20, 6, 7)) * thirds).astype(np.float32)
+    expected = np.ones((6, 7), dtype=np.float32)
+    for run_map in run_maps:
+        expected *= run_map
+        expected /= np.max(expected)
+    combined = combine_runs_rex(run_maps.astype(np.float64) - 1.0, "multiplicative")
+    assert np.array_equal(combined, expected)
+    exact = combine_runs(run_maps.astype(np.float64) - 1.0, "multiplicative")
+    assert np.allclose(combined, exact, rtol=1e-5) and not np.array_equal(combined, exact)
 
 
 def test_rex_stream_runs_small_boxes_as_rex_does() -> None:
@@ -327,8 +370,9 @@ def test_rex_stream_runs_small_boxes_as_rex_does() -> None:
     landscapes = Landscapes(24, 20, np.arange(4), seed=9, min_box_size=1, stream="rex")
     _drive(landscapes, passes)
     for run in range(4):
-        expected = _sequential_rex_run(24, 20, _rex_cut(9, run), passes, min_box_size=1)
-        assert np.allclose(landscapes.responsibility[run], expected)
+        expected = _sequential_rex_run(24, 20, _rex_cut(9, run), passes, min_box_size=1,
+                                       float32_start=1.0)  # fmt: skip
+        assert np.array_equal(landscapes.responsibility[run] + 1.0, expected)
 
 
 def test_rex_stream_draws_what_numpys_legacy_randint_draws() -> None:

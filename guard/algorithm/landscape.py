@@ -28,6 +28,14 @@ Randomness, two streams, each the same for every image (so calibration and servi
   rejects values above it (a box of area 2 draws nothing), which is done here for all runs at
   once. Because run ``i`` of seed ``s`` is run ``i - 1`` of seed ``s + 1``, rex-xai's
   neighbouring seeds share 19 of 20 runs (use distant seeds to compare rex-xai with itself).
+
+Arithmetic: by default responsibility is counted in exact twelfths, so equal responsibility is
+exactly equal whatever the order of the sums. With the ``rex`` stream it is rex-xai's float32
+arithmetic instead, since its rounding orders nearly tied pixels (see ``combine_runs_rex``):
+rex-xai adds float32(1/k) to each kept child for each passing mutant in turn, to a run map that
+starts at 1 (multiplicative) or 0 (additive). A pixel lies in one child of one split box per
+level, so its value is a chain of float32 additions per box: computed here per child and
+painted as exact float64 differences, which sum to the float32 value exactly.
 """
 
 from __future__ import annotations
@@ -252,6 +260,7 @@ class Landscapes:
         search_limit: int | None = None,
         form: ResponsibilityForm = "simple",
         stream: RandomStream = "counter",
+        combination: Combination = "multiplicative",
     ) -> None:
         runs = len(run_ids)
         self.height, self.width = height, width
@@ -264,6 +273,13 @@ class Landscapes:
         self.seed, self.min_box_size, self.tree_depth = seed, min_box_size, tree_depth
         self.search_limit = search_limit
         self.weights = child_weights(form)
+        # rex: float32 value of each job box's pixels, and what a passing mutant adds to each
+        # child it keeps: rex-xai's float32(1/k) (or 1/(k+1) for the witness form)
+        self._values = np.full(
+            (runs, JOB_SLOTS), 1.0 if combination == "multiplicative" else 0.0, np.float32
+        )
+        self._added = (self.weights / UNITS).astype(np.float32)  # [14, 4], 0 where not kept
+        self._keeps = self.weights > 0
         self.evaluations = np.zeros(runs, dtype=np.int64)
         self.done = np.zeros(runs, dtype=bool)
         # A job: up to 3 boxes (row0, row1, col0, col1) of one depth; slots past ``job_size``
@@ -276,20 +292,25 @@ class Landscapes:
         self._processed = np.zeros((runs, JOB_SLOTS), dtype=bool)
         self._children = np.zeros((runs, JOB_SLOTS, 4, 4), dtype=np.int64)
         self._job_area = np.zeros((runs, JOB_SLOTS), dtype=np.int64)
-        # What each level paints (children [R, 12, 4] and their units [R, 12]), painted at the
-        # end: one matmul instead of one per level.
+        # What each level paints (children [R, 12, 4] and their units [R, 12], or with the rex
+        # stream their float32 increase as float64), painted at the end: one matmul instead of
+        # one per level.
         self._painted: list[tuple[np.ndarray, np.ndarray]] = []
         self._responsibility: np.ndarray | None = None
 
     @property
     def responsibility(self) -> np.ndarray:
-        """float [R, H, W]: each run's responsibility map so far."""
+        """float [R, H, W]: each run's responsibility map so far.
+
+        With the rex stream: rex-xai's float32 run map less its start (1 or 0), exactly.
+        """
         if self._responsibility is None:
             runs = len(self.run_ids)
             if self._painted:
                 rects = np.concatenate([p[0] for p in self._painted], axis=1)
                 units = np.concatenate([p[1] for p in self._painted], axis=1)
-                self._responsibility = paint_rects(rects, units, self.height, self.width) / UNITS
+                painted = paint_rects(rects, units, self.height, self.width)
+                self._responsibility = painted if self.stream == "rex" else painted / UNITS
             else:
                 self._responsibility = np.zeros((runs, self.height, self.width))
         return self._responsibility
@@ -328,7 +349,15 @@ class Landscapes:
         self.evaluations += MUTANTS_PER_BOX * split
 
         # Passing mutants share 1/k among the k children they keep.
-        units = verdicts.view(np.uint8) @ self.weights  # [R, 3, 4]
+        if self.stream == "rex":
+            before = np.repeat(self._values[:, :, None], 4, axis=2)  # [R, 3, 4]
+            values = before.copy()
+            for mutant in range(MUTANTS_PER_BOX):  # in rex-xai's order, in float32
+                adds = verdicts[:, :, mutant, None] & self._keeps[mutant]
+                values = np.where(adds, values + self._added[mutant], values)
+            units = values.astype(np.float64) - before  # exact: both are float32 values
+        else:
+            units = verdicts.view(np.uint8) @ self.weights  # [R, 3, 4]
         self._painted.append(
             (self._children.reshape(len(rows), -1, 4), units.reshape(len(rows), -1))
         )
@@ -345,6 +374,8 @@ class Landscapes:
         # KEPT_INDEX pads with 4 (no child); those slots are past the job's size, never read.
         self.job = children[rows[:, None], KEPT_INDEX[chosen] % 4]
         self.job_size = KEPT_CHILDREN[chosen]
+        if self.stream == "rex":
+            self._values = values[rows, last][rows[:, None], KEPT_INDEX[chosen] % 4]
         self.depth += 1
 
         self.done |= ~last_verdicts.any(axis=1) | (self.depth > self.tree_depth)
@@ -365,3 +396,26 @@ def combine_runs(maps: np.ndarray, combination: Combination) -> np.ndarray:
     total = maps.sum(axis=0)
     peak = total.max()
     return total / peak if peak > 0 else total
+
+
+def combine_runs_rex(maps: np.ndarray, combination: Combination) -> np.ndarray:
+    """``combine_runs`` in rex-xai 0.4.1's float32 arithmetic, runs in order.
+
+    ``maps`` [R, H, W] are the runs' float32 maps less their start (``Landscapes`` with the rex
+    stream). Multiplicative: the global map starts at 1 and is multiplied by each run's map
+    (1 + r) then divided by its maximum, in float32, one run after another; additive: the
+    float32 sum. Rounding makes pixels whose exact products differ by less than about 1e-6
+    (relative) equal or reversed, and the ranking follows rex-xai there too.
+    """
+    if combination == "multiplicative":
+        total = np.ones(maps.shape[1:], dtype=np.float32)
+        for run_map in maps:
+            total *= (1.0 + run_map).astype(np.float32)
+            total /= total.max()
+        return total.astype(np.float64)
+    total = np.zeros(maps.shape[1:], dtype=np.float32)
+    for run_map in maps:
+        total += run_map.astype(np.float32)
+    result = total.astype(np.float64)  # dividing in float64 keeps every distinct value distinct
+    peak = result.max()
+    return result / peak if peak > 0 else result
