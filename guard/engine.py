@@ -10,6 +10,11 @@ all-baseline input already gets the predicted class (the empty set is never test
 reports whether it does (``baseline_keeps_class``). ``EngineSettings.empty_mps`` tests the empty
 set first instead, and ``random_stream="rex"`` draws rex-xai's own random streams, with which
 the engine's MPSs are rex-xai's (see ``guard.algorithm.landscape``).
+
+The fast preset (``guard.settings.FAST_PRESET``) changes three settings: fewer runs, ``mutants``
+"monotone" (a box's mutants evaluated only where the verdicts so far do not imply them, in up to
+three calls per level) and ``extraction`` "bisect" (one prefix per image and call, about
+2 log2(chunks) of them). Its MPSs are sufficient by construction like the default's.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from typing import Protocol
 
 import numpy as np
 
-from guard.algorithm.extraction import PrefixSearch, rank_pixels
+from guard.algorithm.boxes import MUTANTS_PER_BOX, monotone_verdicts
+from guard.algorithm.extraction import BisectSearch, PrefixSearch, rank_pixels
 from guard.algorithm.landscape import Landscapes, combine_runs, combine_runs_rex
 from guard.errors import ConfigError, DeadlineExceededError
 from guard.runtime.spec import ModelSpec
@@ -160,9 +166,8 @@ class MpsEngine:
             return (classes == target[index]) & (confidences >= threshold[index])
 
         responsibility = self._landscapes(images, baselines, books, passing)
-        searches = [
-            PrefixSearch(rank_pixels(r), *shape, chunk_size=s.chunk_size) for r in responsibility
-        ]
+        search = BisectSearch if s.extraction == "bisect" else PrefixSearch
+        searches = [search(rank_pixels(r), *shape, chunk_size=s.chunk_size) for r in responsibility]
         self._extract(images, baselines, books, passing, searches, empty)
 
         seconds = time.perf_counter() - started
@@ -209,12 +214,36 @@ class MpsEngine:
             if not len(masks):
                 break
             index = runs // s.iters
-            verdicts = passing(*books.evaluate(images, baselines, masks, index), index)
+            if s.mutants == "monotone":
+                verdicts = self._monotone(images, baselines, books, passing, masks, index)
+            else:
+                verdicts = passing(*books.evaluate(images, baselines, masks, index), index)
             del masks  # freed before the next level's masks are allocated, so malloc reuses it
             landscapes.update(verdicts)
         maps = landscapes.responsibility.reshape(count, s.iters, spec.height, spec.width)
         combine = combine_runs_rex if s.random_stream == "rex" else combine_runs
         return np.stack([combine(image_maps, s.combination) for image_maps in maps])
+
+    @staticmethod
+    def _monotone(
+        images: np.ndarray,
+        baselines: np.ndarray,
+        books: _Accounting,
+        passing: Verdict,
+        masks: np.ndarray,
+        index: np.ndarray,
+    ) -> np.ndarray:
+        """A level's verdicts, evaluating only the mutants that monotonicity does not imply
+        (``EngineSettings.mutants`` "monotone"): up to three calls instead of one."""
+        boxes = len(masks) // MUTANTS_PER_BOX
+        per_box = masks.reshape(boxes, MUTANTS_PER_BOX, *masks.shape[1:])
+        owner = index[::MUTANTS_PER_BOX]
+
+        def evaluate(box: np.ndarray, mutant: np.ndarray) -> np.ndarray:
+            where = owner[box]
+            return passing(*books.evaluate(images, baselines, per_box[box, mutant], where), where)
+
+        return monotone_verdicts(evaluate, boxes).ravel()
 
     def _extract(
         self,
@@ -225,7 +254,8 @@ class MpsEngine:
         searches: list[PrefixSearch],
         skip: np.ndarray,
     ) -> None:
-        """Phase 2: blocks of consecutive prefixes per call, doubling while none passes.
+        """Phase 2: blocks of consecutive prefixes per call, doubling while none passes (one
+        prefix per image and call with ``extraction`` "bisect").
 
         Every search starts at the first chunk, as rex-xai's; ``skip`` marks the images whose
         MPS is already known to be empty (``empty_mps``).

@@ -6,7 +6,7 @@ calibration artifacts, so a verdict is only ever scored against MPSs made the sa
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -60,6 +60,33 @@ class EngineSettings(BaseModel):
     extraction_batch: int = Field(
         default=8, ge=1, description="prefixes tested in the first extraction call (doubles after)"
     )
+    mutants: Literal["all", "monotone"] = Field(
+        default="all",
+        description="all: every mutant of a split box is evaluated (ReX); monotone: singles, "
+        "then triples, then pairs, each only where the verdicts so far do not imply it (a "
+        "superset of a passing mutant passes, a subset of a failing one fails): the same "
+        "verdicts where the model is monotone on the box, in about half the evaluations",
+    )
+    extraction: Literal["blocks", "bisect"] = Field(
+        default="blocks",
+        description="blocks: consecutive prefixes from the first chunk, the first passing one "
+        "(ReX); bisect: 1, 2, 4, ... chunks to the first passing prefix, then bisection to a "
+        "passing prefix whose predecessor fails (the first passing one where passing is "
+        "monotone in the prefix length), in about 2 log2(chunks) evaluations",
+    )
+
+    def preset(self) -> str | None:
+        """The name of the preset these settings are (``"fast"``), or None."""
+        fast = self.model_copy(update=FAST_PRESET)
+        return "fast" if fast == self else None
+
+
+FAST_PRESET: dict[str, Any] = {"iters": 6, "mutants": "monotone", "extraction": "bisect"}
+"""``--fast``: 6 runs whose mutants are evaluated only where monotonicity does not imply their
+verdict, and a bisected extraction: at most 15% of the default's model evaluations per MPS
+(``benchmarks/bench_engine.py``). On the small models its MPS areas agree with the default's
+about as well as rex-xai agrees with itself across seeds; at 224x224 they are larger (the README
+gives the figures). Every other setting keeps its value, and the calibration records them like any others."""
 
 
 class ModelOptions(BaseModel):

@@ -80,3 +80,49 @@ class PrefixSearch:
         if self.mps_chunks is None:
             raise RuntimeError("the search has not found a sufficient prefix yet")
         return self.prefix_masks(np.array([self.mps_chunks]))[0]
+
+
+@dataclass
+class BisectSearch(PrefixSearch):
+    """A sufficient prefix in few evaluations: gallop (1, 2, 4, ... chunks) to the first passing
+    prefix, then bisect between it and the last failing one, one prefix per call.
+
+    The result passes and the prefix one chunk shorter fails (or it is the first chunk): where
+    passing is monotone in the prefix length, it is the first passing prefix, as
+    ``PrefixSearch`` finds, in about 2 log2(chunks) evaluations instead of up to twice the
+    chunks. No prefix is tested twice, and the whole image is never tested (it gives the
+    original class by definition).
+    """
+
+    failing: int = field(default=0, init=False)  # most chunks known to fail (0: none tested)
+    passing: int | None = field(default=None, init=False)  # fewest chunks known to pass
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.total_chunks <= 1:  # the only prefix is the whole image
+            self.passing = self.mps_chunks = self.total_chunks
+
+    def propose(self, count: int = 1) -> np.ndarray:
+        """The keep-mask [1, H, W] of the next prefix to test (``count`` is not used)."""
+        if self.passing is None:
+            chunk = self.next_chunk
+        else:
+            chunk = (self.failing + self.passing) // 2
+        self._proposed = np.array([chunk])
+        return self.prefix_masks(self._proposed)
+
+    def update(self, passing: np.ndarray) -> None:
+        passing = np.asarray(passing, dtype=bool)
+        if passing.shape != self._proposed.shape:
+            raise ValueError(f"expected {self._proposed.size} verdicts")
+        chunk = int(self._proposed[0])
+        if passing[0]:
+            self.passing = chunk
+        else:
+            self.failing = chunk
+            if self.passing is None:
+                self.next_chunk = min(2 * chunk, self.total_chunks)
+                if self.next_chunk == self.total_chunks:
+                    self.passing = self.total_chunks  # the whole image: not tested
+        if self.passing is not None and self.passing - self.failing <= 1:
+            self.mps_chunks = self.passing

@@ -23,7 +23,7 @@ from pydantic_core import PydanticUndefined
 from rich.markup import escape
 
 from guard.errors import ConfigError
-from guard.settings import EngineSettings
+from guard.settings import FAST_PRESET, EngineSettings
 
 Option = typer.Option
 Command = Callable[..., None]
@@ -61,6 +61,16 @@ class RuntimeOptions:
     std: Annotated[str | None, Option(help="per-channel std after scaling")] = None
     color_mode: Annotated[str | None, Option(help="decode images as L, RGB or RGBA")] = None
     resize: Annotated[str | None, Option(help="nearest, bilinear or bicubic")] = None
+    resize_shorter: Annotated[
+        int | None,
+        Option(help="first resize the shorter side to N pixels, keeping the aspect ratio "
+               "(ImageNet: 256 for a 224 model), then cut the centre"),
+    ] = None  # fmt: skip
+    center_crop: Annotated[
+        str | None,
+        Option(metavar="HxW", help="cut HxW pixels (or N: NxN) from the centre, after "
+               "--resize-shorter (default there: the model's input size)"),
+    ] = None  # fmt: skip
     layout: Annotated[str, Option(help="auto, NCHW or NHWC")] = "auto"
     height: Annotated[
         int | None, Option(help="input height where the model leaves it dynamic")
@@ -73,6 +83,13 @@ class RuntimeOptions:
     provider: Annotated[str, Option(help="auto (CUDA when available), cpu or cuda")] = "auto"
     # The engine.
     engine_settings: Annotated[Path | None, Option(help="JSON engine settings")] = None
+    fast: Annotated[
+        bool | None,
+        Option("--fast", help="the fast preset: "
+               + ", ".join(f"{k} {v}" for k, v in FAST_PRESET.items())
+               + " (at most 15% of the default's model evaluations per MPS); other options "
+               "given still apply"),
+    ] = None  # fmt: skip
     iters: Annotated[int | None, Option(help="responsibility runs (default 20)")] = None
     seed: Annotated[int | None, Option(help="seed shared by every image (default 0)")] = None
     tree_depth: Annotated[int | None, Option(help="default 10")] = None
@@ -95,14 +112,18 @@ class RuntimeOptions:
     classes: Annotated[Path | None, Option(help="class names: JSON list or one per line")] = None
 
     def engine_overrides(self) -> dict[str, Any]:
-        """The engine options given, by EngineSettings field."""
-        return self._given(*ENGINE_OPTIONS)
+        """The engine options given, by EngineSettings field (``--fast``: the preset's, under
+        the options given one by one)."""
+        preset = FAST_PRESET if self.fast else {}
+        return {**preset, **self._given(*ENGINE_OPTIONS)}
 
     def preprocessing_overrides(self) -> dict[str, Any]:
         """The preprocessing options given, by Preprocessing field."""
         lists = {"mean": floats(self.mean), "std": floats(self.std)}
         given = {name: value for name, value in lists.items() if value is not None}
-        return {**self._given("scale", "color_mode", "resize"), **given}
+        if self.center_crop is not None:
+            given["center_crop"] = crop_size(self.center_crop)
+        return {**self._given("scale", "color_mode", "resize", "resize_shorter"), **given}
 
     def model_options(self) -> dict[str, Any]:
         """How to read the model, by ModelOptions field."""
@@ -115,6 +136,20 @@ class RuntimeOptions:
 ENGINE_OPTIONS = ("iters", "seed", "tree_depth", "min_box_size", "chunk_size", "baseline",
                   "combination", "max_batch_size", "empty_mps", "random_stream")  # fmt: skip
 MODEL_OPTIONS = ("layout", "height", "width", "output", "output_kind", "provider")
+
+
+def crop_size(text: str) -> tuple[int, int]:
+    """``HxW`` (or ``N`` for NxN) as (height, width)."""
+    parts = text.lower().split("x")
+    try:
+        sizes = tuple(int(part) for part in parts)
+    except ValueError:
+        sizes = ()
+    if len(sizes) == 1:
+        sizes = sizes * 2
+    if len(sizes) != 2 or min(sizes) < 1:
+        raise ConfigError(f"--center-crop {text!r}: expected HxW (e.g. 224x224) or N, positive")
+    return sizes[0], sizes[1]
 
 
 def floats(text: str | None) -> tuple[float, ...] | None:
