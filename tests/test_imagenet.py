@@ -184,3 +184,16 @@ def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def test_cli_options_set_the_geometry() -> None:
+    from guard.cli.options import RuntimeOptions, crop_size
+    from guard.errors import ConfigError
+
+    assert crop_size("224x200") == (224, 200) and crop_size("224") == (224, 224)
+    for bad in ("224x", "x", "0x4", "a"):
+        with pytest.raises(ConfigError):
+            crop_size(bad)
+    given = RuntimeOptions(resize_shorter=256, center_crop="224x224").preprocessing_overrides()
+    assert given == {"resize_shorter": 256, "center_crop": (224, 224)}
+    assert RuntimeOptions().preprocessing_overrides() == {}
