@@ -238,8 +238,9 @@ def lite0_inputs() -> np.ndarray:
 
     from guard.preprocess import Preprocessing, load_input
     from guard.runtime.spec import inspect_model
+    from guard.settings import ModelOptions
 
-    spec = inspect_model(onnx.load(str(imagenet.LITE0_MODEL)))
+    spec = inspect_model(onnx.load(str(imagenet.LITE0_MODEL)), ModelOptions())
     preprocessing = Preprocessing.from_file(imagenet.LITE0_PREPROCESSING)
     photos = sorted(imagenet.IMAGENET_IMAGES.iterdir())
     return np.stack([load_input(path, spec, preprocessing) for path in photos])
