@@ -534,7 +534,7 @@ def _notes(
             )
     if m.degenerate_fraction >= DEGENERATE_NOTE_FRACTION:
         notes.append(
-            f"{m.degenerate_fraction:.0%} of MPSs are degenerate (empty or a single chunk): "
+            f"{m.degenerate_fraction:.0%} of MPSs are degenerate (a single chunk, or the all-baseline input alone keeps the class): "
             "for this model and baseline the MPS size carries little information. Try "
             "another baseline, e.g. a blurred copy of the image instead of a constant."
         )

@@ -389,10 +389,10 @@ def _markdown(
         _area_row("correct", [r.mps_area_fraction for r in records if r.correct]),
         _area_row("incorrect", [r.mps_area_fraction for r in records if not r.correct]),
         "",
-        f"Degenerate MPSs (empty or one chunk): {number(facts['degenerate_fraction'])}. "
+        f"Degenerate MPSs (one chunk, or the all-baseline input keeps the class): {number(facts['degenerate_fraction'])}. "
         f"The all-baseline input is classified as class {facts['baseline_class']} for "
         f"{number(facts['baseline_class_fraction'])} of items; {number(facts['baseline_matches_prediction_fraction'])} "
-        "of items are predicted as their all-baseline class (their MPS is empty).",
+        "of items are predicted as their all-baseline class.",
         "",
         "![MPS area](mps_area.png)",
         "",
