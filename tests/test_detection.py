@@ -248,3 +248,10 @@ def test_the_martingale_stays_low_on_exchangeable_traffic_and_rises_on_a_shift()
         m.update(shifted)
         seen += 10
     assert seen < 600
+
+
+def test_too_few_items_get_one_clear_message() -> None:
+    from guard.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="at least 10 items in the fit split"):
+        fit_calibration(_items(np.random.default_rng(8), 6, mps_signal=0.0), n_boot=0)

@@ -334,6 +334,11 @@ def fit_calibration(
         raise InvalidInputError(
             f"calibration needs labelled items on both sides of the split; got {n} in all"
         )
+    if fit_idx.size < 2 * folds:
+        raise InvalidInputError(
+            f"calibration needs at least {2 * folds} items in the fit split to cross-validate "
+            f"the scores ({folds} folds); got {fit_idx.size} of {n} labelled items. Label more data"
+        )
 
     # Everything fitted or chosen sees the fit split only.
     fit_rows, fit_incorrect = _rows(table, fit_idx), incorrect[fit_idx]
