@@ -20,8 +20,13 @@ With ``--limit N`` a pair uses a seeded random subset of N items (the same on ev
 number of OOD inputs is about the number of held-out in-distribution items. The bar checked at
 the end: on every pair, the chosen score's held-out AUROC is at least MSP's up to sampling error
 (the paired bootstrap 95% interval of AUROC(auto) - AUROC(MSP) reaches 0 or lies above it), and
-its held-out false-alarm rates (marginal, per-class, calibration-conditional with delta 0.1) are
-at most alpha up to sampling error (the Clopper-Pearson 95% interval's low end <= alpha).
+its held-out false-alarm rates are at most alpha up to sampling error. For the marginal and
+per-class thresholds the guarantee is an average over calibration draws, so their sampling error
+includes the draw of the conformal reference: under exchangeability the number of held-out
+correct items flagged is a sum of beta-binomials (one per reference), and the rate passes when
+that number is within the distribution's 95% range (at most its 97.5% quantile). The
+calibration-conditional threshold (delta 0.1) promises the rate of this draw, so its rate
+passes when the Clopper-Pearson 95% interval's low end is <= alpha.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.stats import beta
+from scipy.stats import beta, betabinom
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -53,6 +58,7 @@ from guard.numbers import number  # noqa: E402
 from guard.preprocess import Preprocessing  # noqa: E402
 from guard.runtime import MaskedClassifier  # noqa: E402
 from guard.settings import EngineSettings, ModelOptions  # noqa: E402
+from guard.verdict.detector import Detector  # noqa: E402
 from guard.verdict.scores import MPS_SCORES, SCORE_KINDS  # noqa: E402
 
 DEFAULT_CACHE = ROOT / "benchmarks" / "results" / "detection_cache"
@@ -327,6 +333,38 @@ def _difference(
     return {"auroc_diff": _float(diff[0]), "ci": _pair_ci(diff[1:])}
 
 
+def exchangeable_most(detector: Detector, classes: np.ndarray) -> int:
+    """97.5% quantile of how many of these correct items (their predicted classes) the
+    detector flags when they are exchangeable with its references' items (within a class for
+    a class reference): the references' draw and the items' draw together."""
+    if detector.flag_small_tail:
+        raise ValueError("the exchangeable range is derived for the score tail alone")
+    served = [int(c) if int(c) in detector.class_references else None for c in classes]
+    pmf = np.ones(1)
+    for group in set(served):
+        reference = detector.class_references.get(group, detector.score_reference)
+        ab = reference.false_alarm_beta()
+        if ab is not None:
+            m = served.count(group)
+            pmf = np.convolve(pmf, betabinom(m, *ab).pmf(np.arange(m + 1)))
+    return int(np.searchsorted(np.cumsum(pmf), 0.975 - 1e-12))
+
+
+def false_alarm_figures(fit: FitResult, records: Sequence[ItemRecord]) -> dict[str, Any]:
+    """Per threshold option: the held-out rate (Clopper-Pearson CI) and, for the marginal
+    and per-class options, the most flags the exchangeable range allows."""
+    evaluation = [records[i] for i in fit.evaluation_indices if records[i].correct]
+    classes = np.array([r.predicted_class for r in evaluation], dtype=np.int64)
+    out = {}
+    for name, r in fit.metrics.false_alarm_rates.items():
+        figures: dict[str, Any] = {"rate": _float(r.rate), "ci": _pair_ci(r.ci), "n": r.n}
+        if name != "calibration-conditional" and r.n:
+            figures["flagged"] = round(r.rate * r.n)
+            figures["exchangeable_most"] = exchangeable_most(fit.options[name], classes)
+        out[name] = figures
+    return out
+
+
 def check_bar(row: dict[str, Any], alpha: float) -> dict[str, Any]:
     """The issue's bar for one row (see the module doc)."""
     low, high = row["auto_minus_msp"]["ci"]
@@ -344,7 +382,11 @@ def check_bar(row: dict[str, Any], alpha: float) -> dict[str, Any]:
         if any(r["rate"] is None for r in rates):
             alarms_ok = "not measurable"
         else:
-            alarms_ok = "yes" if all(r["ci"][0] <= alpha for r in rates) else "no"
+            within = [
+                r["flagged"] <= r["exchangeable_most"] if "flagged" in r else r["ci"][0] <= alpha
+                for r in rates
+            ]
+            alarms_ok = "yes" if all(within) else "no"
     verdicts = {auroc_ok, alarms_ok} - {"see base pair"}
     passed = "no" if "no" in verdicts else ("yes" if verdicts == {"yes"} else "not measurable")
     return {"auroc_ok": auroc_ok, "false_alarm_ok": alarms_ok, "pass": passed}
@@ -402,10 +444,7 @@ def detection_row(
         "mps_increment": increment,
         "mps_minus_msp": over_msp,
         "mps_adds_value": adds_value(increment, over_msp, m.n_holdout_incorrect),
-        "false_alarm": {
-            name: {"rate": _float(r.rate), "ci": _pair_ci(r.ci), "n": r.n}
-            for name, r in m.false_alarm_rates.items()
-        },
+        "false_alarm": false_alarm_figures(fit, records.records),
         "flagged": (
             {"rate": None, "ci": [None, None], "n": 0}
             if m.detection_rate is None
@@ -497,7 +536,10 @@ def _with_ci(value: float | None, ci: Sequence[float | None], digits: int = 3) -
 def _rate(r: dict[str, Any] | None) -> str:
     if not r or r["rate"] is None:
         return "-"
-    return _with_ci(r["rate"], r["ci"], 3)
+    text = _with_ci(r["rate"], r["ci"], 3)
+    if "exchangeable_most" in r:
+        text += f"; {r['flagged']} of {r['n']} (exchangeable: at most {r['exchangeable_most']})"
+    return text
 
 
 def print_tables(rows: list[dict[str, Any]], alpha: float) -> None:

@@ -81,3 +81,36 @@ def test_bench_shift_runs(
             assert summary["median"] is None or 0 < summary["median"] <= 30
         assert set(scenario["first"]) <= set(bench_shift.MONITORS)
     assert all(0.0 <= t <= 1.0 for t in result["thresholds"].values())
+
+
+@pytest.mark.parametrize("per_class", [False, True])
+def test_the_exchangeable_range_of_false_alarms_holds_its_level(per_class: bool) -> None:
+    import numpy as np
+
+    from guard.verdict.conformal import ConformalReference
+    from guard.verdict.detector import Detector
+    from guard.verdict.scores.confidence import MspScore
+
+    rng = np.random.default_rng(0)
+    alpha, draws, exceeded = 0.05, 3000, 0
+    classes = np.repeat([0, 1], [44, 60])
+    for _ in range(draws):
+        own: dict[int, ConformalReference] = {}
+        if per_class:  # class 1's scores sit higher and get their own reference
+            shift = np.where(classes == 1, 0.5, 0.0)
+            reference, fresh = rng.random(classes.size) + shift, rng.random(classes.size) + shift
+            pooled = ConformalReference.from_values(reference[classes == 0], alpha)
+            own = {1: ConformalReference.from_values(reference[classes == 1], alpha)}
+        else:
+            pooled = ConformalReference.from_values(rng.random(43), alpha)
+            fresh = rng.random(classes.size)
+        detector = Detector(
+            score=MspScore(), alpha=alpha, per_class=per_class, delta=None,
+            flag_small_tail=False, score_reference=pooled, class_references=own,
+            small_tail_reference=None, exchangeability_reference=[],
+        )  # fmt: skip
+        thresholds = np.array([own.get(int(c), pooled).threshold for c in classes])
+        flagged = int(np.sum(fresh > thresholds))
+        exceeded += flagged > bench_detection.exchangeable_most(detector, classes)
+    # The range is a 97.5% quantile of a discrete count: exceeded in at most 2.5% of draws.
+    assert 0.005 < exceeded / draws < 0.025 + 3 * math.sqrt(0.025 * 0.975 / draws)

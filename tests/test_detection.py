@@ -74,6 +74,34 @@ def test_auto_takes_an_mps_score_when_it_measurably_helps() -> None:
     assert any("The MPS adds detection value" in n for n in fit.notes)
 
 
+def _with_margin(records: list[ItemRecord], margin: np.ndarray) -> list[ItemRecord]:
+    return [
+        ItemRecord(
+            **{**r.__dict__, "margin": float(m), "features": {**r.features, "margin": float(m)}}
+        )
+        for r, m in zip(records, margin, strict=True)
+    ]
+
+
+def test_auto_keeps_msp_unless_another_confidence_score_measurably_beats_it() -> None:
+    rng = np.random.default_rng(5)
+    records = _items(rng, 1200, mps_signal=0.0)
+    msp = np.array([r.features["msp"] for r in records])
+    incorrect = np.array([not r.correct for r in records])
+    # A margin that ranks like MSP up to noise: slightly better or worse by chance only.
+    noisy = _with_margin(records, msp + rng.normal(0.0, 0.002, msp.size))
+    kept = fit_calibration(noisy, n_boot=300).metrics
+    assert kept.selected_score == "msp"
+    # A margin that really separates errors: it must win, and the reason must say so.
+    informative = _with_margin(
+        records, np.where(incorrect, 0.2, 0.8) + rng.normal(0, 0.2, msp.size)
+    )
+    won = fit_calibration(informative, n_boot=300).metrics
+    assert won.selected_score in ("confidence", "class-confidence")
+    assert "measurably improves on MSP" in won.selection
+    assert won.scores[won.selected_score].auroc > won.scores["msp"].auroc + 0.1
+
+
 def test_no_held_out_item_touches_the_fit_or_the_choice() -> None:
     records = _items(np.random.default_rng(2), 800, mps_signal=1.0)
     fit = fit_calibration(records, n_boot=0)
@@ -123,6 +151,22 @@ def test_calibration_conditional_threshold_holds_with_probability_one_minus_delt
     assert abs(marginal.mean() - alpha) < 0.005
     assert np.mean(marginal > alpha) > 0.3
     assert conditional.mean() < marginal.mean()
+
+
+def test_the_spread_of_a_marginal_threshold_is_predicted_and_reported() -> None:
+    alpha, n = 0.05, 43
+    rates = _far_over_draws(None, n=n, alpha=alpha, draws=4000)
+    reference = ConformalReference.from_values(np.arange(n, dtype=float), alpha)
+    high = reference.false_alarm_quantile(0.9)
+    assert high is not None and high > 1.5 * alpha
+    assert abs(np.mean(rates > high) - 0.1) < 3 * math.sqrt(0.1 * 0.9 / 4000)
+    # A small reference gets the note; the calibration-conditional threshold does not need it.
+    records = _items(np.random.default_rng(7), 200, mps_signal=0.0)
+    marginal = fit_calibration(records, n_boot=0)
+    assert marginal.metrics.n_reference_correct < 60
+    assert any("1 draw of 10" in note for note in marginal.notes)
+    conditional = fit_calibration(records, n_boot=0, delta=0.1)
+    assert not any("1 draw of 10" in note for note in conditional.notes)
 
 
 def test_per_class_threshold_keeps_each_class_at_alpha() -> None:

@@ -14,12 +14,13 @@ Splits (all stratified on (correct, predicted class), deterministic for a seed):
    only). Ranking metrics (AUROC, AUPR-Error, FPR@95TPR, AURC, AUGRC) use the whole held-out
    split, since no score depends on the conformal reference.
 
-Choice (``score="auto"``): the best score without the MPS (MSP, the best confidence feature,
-class-conditional confidence) is kept unless the best MPS-using score (area, combined,
-evidence) has a lower cross-validated AURC with a paired-bootstrap 95% interval of the
-difference above 0. Parsimony: fewer moving parts, no MPS cost in the sidecar, and better
-behaviour under shift (a learned combination of confidence and MPS features lost to
-confidence alone on corrupted inputs, ../shared/DETECTION.md).
+Choice (``score="auto"``), in two steps that each keep the simpler score unless the richer one
+has a lower cross-validated AURC with a paired-bootstrap 95% interval of the difference above
+0: MSP (free, the baseline every detector must match) against the best other confidence-only
+score (the best confidence feature, class-conditional confidence); then that winner against
+the best MPS-using score (area, combined, evidence). Parsimony: fewer moving parts, no MPS
+cost in the sidecar, and better behaviour under shift (learned combinations of confidence and
+MPS features have been measured to lose to confidence alone on corrupted inputs).
 
 Descriptive statistics (area means and medians, the Mann-Whitney test, degenerate share,
 baseline class) use all items: they fit nothing.
@@ -31,6 +32,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -70,6 +72,7 @@ CONFIDENCE_ONLY = ("msp", "confidence", "class-confidence")
 DEGENERATE_NOTE_FRACTION = 0.5
 BASELINE_NOTE_FRACTION = 0.2
 FEW_ERRORS = 10
+SPREAD_NOTE_RATIO = 1.5  # note a marginal threshold whose 90% draw exceeds this x alpha
 VOID_AUROC = 0.6  # below this (and >= 0.5) the MPS score is reported as close to chance
 
 Indices = NDArray[np.int64]
@@ -87,6 +90,8 @@ class FitResult:
     reference_indices: Indices = field(repr=False)  # held-out, conformal-reference half
     evaluation_indices: Indices = field(repr=False)  # held-out, evaluation half
     candidates: dict[str, ScoreModel] = field(repr=False, default_factory=dict)
+    # The selected score under each threshold option the report measures.
+    options: dict[str, Detector] = field(repr=False, default_factory=dict)
 
 
 def stratified_split(
@@ -160,6 +165,28 @@ class Choice:
     reason: str
 
 
+def _measurably_better(
+    simpler: str,
+    richer: str,
+    oof: Mapping[str, NDArray[np.float64]],
+    cv: Mapping[str, float],
+    incorrect: NDArray[np.bool_],
+    *,
+    n_boot: int,
+    seed: int,
+) -> tuple[bool, tuple[float, float, float], str]:
+    """Whether ``richer`` lowers the cross-validated AURC of ``simpler`` with a 95% CI above 0."""
+    gain = metrics.bootstrap_difference(
+        metrics.aurc, oof[simpler], oof[richer], incorrect, n_boot=n_boot, seed=seed
+    )
+    compared = (
+        f"cross-validated AURC on the fit split {cv[richer]:.4f} for {richer} against "
+        f"{cv[simpler]:.4f} for {simpler} (improvement {gain[0]:+.4f}, 95% CI "
+        f"{number(gain[1], 4)} to {number(gain[2], 4)})"
+    )
+    return (not math.isnan(gain[1]) and gain[1] > 0), gain, compared
+
+
 def choose_score(
     kinds: Sequence[str],
     oof: Mapping[str, NDArray[np.float64]],
@@ -168,33 +195,45 @@ def choose_score(
     n_boot: int,
     seed: int,
 ) -> Choice:
-    """The parsimonious choice by cross-validated AURC on the fit split (see module doc)."""
+    """The parsimonious choice by cross-validated AURC on the fit split (see module doc).
+
+    Two steps, each keeping the simpler score unless the richer one measurably improves on
+    it: MSP (the free baseline) against the best other confidence-only score, then that
+    winner against the best MPS-using score.
+    """
     cv = {kind: metrics.aurc(oof[kind], incorrect) for kind in kinds}
+    compare = partial(
+        _measurably_better, oof=oof, cv=cv, incorrect=incorrect, n_boot=n_boot, seed=seed
+    )
 
     def best(group: Sequence[str]) -> str | None:
         scored = [k for k in group if k in kinds and not math.isnan(cv[k])]
         return min(scored, key=lambda k: cv[k]) if scored else None
 
-    plain = best(CONFIDENCE_ONLY) or "msp"
+    plain = "msp"
+    plain_reason = "no other confidence-only score has a lower cross-validated AURC than MSP"
+    rival = best([k for k in CONFIDENCE_ONLY if k != "msp"])
+    if rival is not None and cv[rival] < cv["msp"]:
+        better, _, compared = compare("msp", rival)
+        if better:
+            plain, plain_reason = rival, f"{rival} measurably improves on MSP: {compared}"
+        else:
+            plain_reason = (
+                f"the free baseline MSP is kept: {rival} did not measurably improve on it "
+                f"({compared})"
+            )
     mps = best([k for k in kinds if k in MPS_SCORES])
     if mps is None:
-        reason = "the lowest cross-validated AURC on the fit split; no MPS score to compare"
+        reason = f"{plain_reason}; no MPS score to compare"
         return Choice(plain, cv, plain, None, None, reason)
-    gain = metrics.bootstrap_difference(
-        metrics.aurc, oof[plain], oof[mps], incorrect, n_boot=n_boot, seed=seed
-    )
-    compared = (
-        f"cross-validated AURC on the fit split {cv[mps]:.4f} for {mps} against "
-        f"{cv[plain]:.4f} for {plain} (improvement {gain[0]:+.4f}, 95% CI "
-        f"{number(gain[1], 4)} to {number(gain[2], 4)})"
-    )
-    if not math.isnan(gain[1]) and gain[1] > 0:
+    better, gain, compared = compare(plain, mps)
+    if better:
         reason = f"the MPS-using score {mps} measurably improves on {plain}: {compared}"
         return Choice(mps, cv, plain, mps, gain, reason)
     reason = (
-        f"the best MPS-using score did not measurably improve on it: {compared}; the simpler "
-        "score is kept (fewer moving parts, no MPS cost per request, better behaviour under "
-        "shift)"
+        f"{plain_reason}; the best MPS-using score did not measurably improve on {plain}: "
+        f"{compared}; the simpler score is kept (fewer moving parts, no MPS cost per request, "
+        "better behaviour under shift)"
     )
     return Choice(plain, cv, plain, mps, gain, reason)
 
@@ -440,6 +479,7 @@ def fit_calibration(
         reference_indices=reference_idx,
         evaluation_indices=evaluation_idx,
         candidates=candidates,
+        options=options,
     )
 
 
@@ -573,6 +613,16 @@ def _notes(
             + (f" and delta={reference.delta:g}" if reference.delta is not None else "")
             + ", so nothing will be flagged. Use more labelled data or a larger alpha."
         )
+    elif reference.delta is None:
+        high = reference.false_alarm_quantile(0.9)
+        if high is not None and high > SPREAD_NOTE_RATIO * reference.alpha:
+            notes.append(
+                f"With {count(m.n_reference_correct, 'held-out correct prediction')} in the "
+                f"conformal reference, the marginal guarantee holds on average over calibration "
+                f"draws, but one draw's threshold gives a false-alarm rate above {high:.3f} in "
+                f"1 draw of 10. --delta 0.1 bounds the rate of this draw instead (with "
+                f"probability 0.9), or label more data."
+            )
     if detector.per_class:
         served = len(detector.class_references)
         notes.append(

@@ -85,6 +85,22 @@ class ConformalReference(Strict):
             alpha=alpha, values=v.tolist(), threshold=_threshold(v, alpha, delta), delta=delta
         )
 
+    def false_alarm_beta(self) -> tuple[float, float] | None:
+        """Beta(a, b) of this rule's false-alarm rate over reference draws, or None (never flags).
+
+        The rule flags when at most c reference values are >= s; its rate on new correct
+        predictions is Beta(c + 1, n - c) over reference draws (continuous scores). The
+        marginal guarantee bounds the mean of that distribution, not the rate of one draw.
+        """
+        n = len(self.values)
+        c = _largest_count(n, self.alpha, self.delta)
+        return None if c < 0 else (c + 1.0, float(n - c))
+
+    def false_alarm_quantile(self, q: float) -> float | None:
+        """The q-quantile, over calibration draws, of the false-alarm rate this rule gives."""
+        ab = self.false_alarm_beta()
+        return None if ab is None else float(betaincinv(*ab, q))
+
     def p_values(self, statistic: ArrayLike) -> NDArray[np.float64]:
         """Conformal p-values of new values of the statistic."""
         reference, table = self._arrays.arrays
