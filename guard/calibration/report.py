@@ -443,8 +443,9 @@ def _markdown(
         "predicted class. `combined`: logistic regression on logit(area), MSP and margin. "
         "`evidence`: regularised logistic regression on confidence features, the predicted class "
         "and the MPS evidence features.",
-        "- Choice (`auto`): cross-validated AURC on the fit split; an MPS-using score only when its "
-        "gain over the best score without the MPS has a 95% interval above 0.",
+        "- Choice (`auto`): cross-validated AURC on the fit split, in two steps that keep the "
+        "simpler score unless the richer one's gain has a 95% interval above 0: MSP against the "
+        "best other confidence-only score, then that winner against the best MPS-using score.",
         "- p-value: (1 + #{held-out correct scores >= s}) / (n + 1) (marginal), or its "
         "calibration-conditional bound; flagged when p <= alpha.",
         "- AUGRC: area under the generalized risk-coverage curve (accepted errors / all items).",

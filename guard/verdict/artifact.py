@@ -79,8 +79,9 @@ class Rate(Strict):
 
 
 class Increment(Strict):
-    """AUROC of the best MPS-using score minus that of the best score without the MPS (both
-    chosen on the fit split), on the held-out split, with a paired-bootstrap 95% interval."""
+    """AUROC of the best MPS-using score (chosen on the fit split) minus that of the
+    confidence-only score that also uses the class (``baseline``), on the held-out split, with
+    a paired-bootstrap 95% interval."""
 
     baseline: str
     candidate: str
