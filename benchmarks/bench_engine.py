@@ -27,6 +27,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,9 +182,10 @@ def spread(count: int, limit: int | None) -> np.ndarray:
     return np.unique(np.linspace(0, count - 1, limit).round().astype(np.int64))
 
 
-def photos(folder: Path, classifier: MaskedClassifier) -> np.ndarray:
+def photos(folder: Path, classifier: MaskedClassifier, zooms: Sequence[int]) -> np.ndarray:
     """The photos of ``folder`` and matplotlib's sample photo, preprocessed as the model's
-    ``preprocessing.json`` beside it says."""
+    ``preprocessing.json`` beside it says, once per shorter side in ``zooms`` (the centre crop
+    of a larger resize is a closer view): more inputs than photos for the agreement figures."""
     import matplotlib
 
     from guard.preprocess import Preprocessing, load_input
@@ -192,13 +194,17 @@ def photos(folder: Path, classifier: MaskedClassifier) -> np.ndarray:
     paths = sorted(folder.iterdir()) + [
         Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
     ]
-    return np.stack([load_input(path, classifier.spec, preprocessing) for path in paths])
+    return np.stack([
+        load_input(path, classifier.spec, preprocessing.model_copy(update={"resize_shorter": zoom}))
+        for zoom in zooms
+        for path in paths
+    ])  # fmt: skip
 
 
 def bench_model(name: str, model: Path, data: Path, args: argparse.Namespace) -> dict:
     classifier = MaskedClassifier(model, ModelOptions(provider=args.provider))
     if data.is_dir():
-        x = photos(data, classifier)
+        x = photos(data, classifier, args.zooms)
     else:
         with np.load(data, allow_pickle=False) as held_out:
             x = held_out["x"][spread(len(held_out["x"]), args.limit)].astype(np.float32)
@@ -441,6 +447,13 @@ def main() -> None:
         default=3,
         help="times each block of images is timed (engine and floor alternating); the fastest "
         "of each image counts",
+    )
+    parser.add_argument(
+        "--zooms",
+        type=int,
+        nargs="+",
+        default=[256, 304, 368, 448],
+        help="photo folders: each photo resized to each of these shorter sides, then centre-cut",
     )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()

@@ -179,6 +179,8 @@ def test_explain_a_photo_at_224_with_fast(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     record = json.loads(result.output.strip().splitlines()[-1])
     assert record["predicted_name"] == "espresso"
+    names = json.loads(imagenet.IMAGENET_CLASSES.read_text())
+    assert record["baseline_name"] == names[record["baseline_class"]]  # named, not an index
     assert 0 < record["mps_area_fraction"] < 1
     # ReX's defaults take about 2,000 evaluations on this photo; the fast preset a few hundred.
     assert record["model_evaluations"] < 600

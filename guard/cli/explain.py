@@ -192,6 +192,7 @@ def _result_record(outcome: Outcome, class_names: list[str] | None) -> dict[str,
     }
     if class_names is not None:
         record["predicted_name"] = class_names[r.predicted_class]
+        record["baseline_name"] = class_names[r.baseline_class]
     return record
 
 
@@ -205,9 +206,10 @@ def _print_table(outcomes: list[Outcome], class_names: list[str] | None, notes: 
         if r is None:
             continue
         name = class_names[r.predicted_class] if class_names else str(r.predicted_class)
+        baseline = class_names[r.baseline_class] if class_names else str(r.baseline_class)
         table.add_row(
             escape(outcome.path.name), escape(name), number(r.confidence), f"{number(100 * r.mps_area_fraction, 2)}%",
-            str(r.mps_pixels), "yes" if r.degenerate else "no", str(r.baseline_class),
+            str(r.mps_pixels), "yes" if r.degenerate else "no", escape(baseline),
             str(r.model_evaluations), str(r.model_calls), number(r.seconds),
         )  # fmt: skip
     out_console.print(table)
