@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo pictures test lint bench bench-serve models demo-calibration calibration-textures audit-example clean imagenet-model imagenet-pictures imagenet-calibration imagenet-serve imagenet-audit bench-imagenet bench-serve-imagenet
+.PHONY: demo pictures test lint bench bench-serve models demo-calibration calibration-textures audit-example clean imagenet-model imagenet-pictures imagenet-calibration imagenet-views-calibration imagenet-serve imagenet-audit bench-imagenet bench-serve-imagenet
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,7 @@ audit-example: $(STAMP)  ## compare the three shapes models by their MPSs, repor
 		--data benchmarks/models/shapes_heldout.npz --report out/audit-shapes
 
 IMAGENET := guard/imagenet
+VIEWS_CALIBRATION := out/imagenet-views-calibration/calibration.json
 LITE0 := --model $(IMAGENET)/efficientnet_lite0.onnx --preprocessing $(IMAGENET)/preprocessing.json \
 	--classes $(IMAGENET)/classes.json
 
@@ -64,9 +65,16 @@ imagenet-calibration: $(STAMP)  ## calibrate EfficientNet-Lite0 (--fast) on labe
 	$(BIN)/guard calibrate $(DATA) $(LITE0) --fast --out out/imagenet-calibration/calibration.json \
 		--report out/imagenet-calibration/report
 
-imagenet-serve: $(STAMP)  ## the sidecar on EfficientNet-Lite0 with that calibration (gRPC :50051, metrics :9464)
+imagenet-views-calibration: $(VIEWS_CALIBRATION)  ## a calibration from 40 views of the 5 hand-labelled photos: serves Lite0 to show and measure it, flags nothing
+
+$(VIEWS_CALIBRATION): | $(STAMP)
+	$(BIN)/python scripts/imagenet_views.py --out out/imagenet-views.npz
+	$(BIN)/guard calibrate out/imagenet-views.npz $(LITE0) --fast --out $(VIEWS_CALIBRATION) \
+		--report $(dir $(VIEWS_CALIBRATION))report --restart
+
+imagenet-serve: $(STAMP) $(if $(CALIBRATION),,$(VIEWS_CALIBRATION))  ## the sidecar on EfficientNet-Lite0 (CALIBRATION=..., else the views' one; gRPC :50051, metrics :9464)
 	$(BIN)/guard serve --model $(IMAGENET)/efficientnet_lite0.onnx \
-		--calibration $(or $(CALIBRATION),out/imagenet-calibration/calibration.json)
+		--calibration $(or $(CALIBRATION),$(VIEWS_CALIBRATION))
 
 imagenet-audit: $(STAMP)  ## EfficientNet-Lite0 against -Lite2 on the hand-labelled photos, report in out/audit-imagenet
 	$(BIN)/guard audit --model $(IMAGENET)/efficientnet_lite0.onnx \
@@ -76,12 +84,12 @@ imagenet-audit: $(STAMP)  ## EfficientNet-Lite0 against -Lite2 on the hand-label
 		--fast --report out/audit-imagenet --restart
 
 bench-imagenet: $(STAMP)  ## the engine at 224x224: default against --fast on EfficientNet-Lite0 and the photos
-	$(BIN)/python benchmarks/bench_engine.py --models "imagenet lite0 (3x224x224)" --no-rex \
+	$(BIN)/python benchmarks/bench_engine.py --models "imagenet lite0 (3x224x224)" --no-rex --repeats 1 \
 		--json benchmarks/results/imagenet.json
 
-bench-serve-imagenet: $(STAMP)  ## sidecar latency on EfficientNet-Lite0, default against --fast, 1 and 4 clients
+bench-serve-imagenet: $(STAMP) $(if $(CALIBRATION),,$(VIEWS_CALIBRATION))  ## sidecar latency on EfficientNet-Lite0, default against --fast, 1 and 4 clients
 	$(BIN)/python benchmarks/bench_serve.py --model lite0 --duration 30 \
-		--calibration $(or $(CALIBRATION),out/imagenet-calibration/calibration.json) \
+		--calibration $(or $(CALIBRATION),$(VIEWS_CALIBRATION)) \
 		--json benchmarks/results/serve-imagenet.json
 
 models: $(STAMP)  ## re-train the demo and benchmark models (needs the train extra: torch)

@@ -197,3 +197,20 @@ def test_cli_options_set_the_geometry() -> None:
     given = RuntimeOptions(resize_shorter=256, center_crop="224x224").preprocessing_overrides()
     assert given == {"resize_shorter": 256, "center_crop": (224, 224)}
     assert RuntimeOptions().preprocessing_overrides() == {}
+
+
+def test_labelled_views_of_the_photos_keep_their_labels(lite0: MaskedClassifier) -> None:
+    from scripts.imagenet_views import ZOOMS, views
+
+    x, y = views()
+    with (imagenet.IMAGENET_IMAGES.parent / "labels.csv").open(newline="") as f:
+        photos = list(csv.DictReader(f))
+    assert x.shape == (len(photos) * len(ZOOMS) * 2, 3, 224, 224) and y.shape == (len(x),)
+    names = json.loads(imagenet.IMAGENET_CLASSES.read_text())
+    assert sorted({names[label] for label in y}) == sorted(p["label"] for p in photos)
+    np.testing.assert_array_equal(x[1::2], x[0::2][..., ::-1])  # each view and its mirror
+    assert not np.array_equal(x[0], x[2])  # zooms differ
+    # The closest view of the espresso is still an espresso to the model.
+    espresso = np.flatnonzero(y == names.index("espresso"))
+    predicted = lite0.predict(x[espresso]).classes
+    assert (predicted == names.index("espresso")).mean() >= 0.5
