@@ -109,3 +109,9 @@ class ModelOptions(BaseModel):
         description="onnxruntime's worker threads spin between model calls: faster MPSs where "
         "the engine has the CPU to itself, less CPU for anything else in the process",
     )
+    io_binding: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="bind a request's images and baselines on the model's device once, so each "
+        "model call sends only its masks (onnxruntime I/O binding): auto is on with CUDA, where "
+        "host-to-device copies cost, and off on CPU, where the inputs are already in place",
+    )

@@ -195,3 +195,31 @@ def test_worker_threads_spin_offline_and_not_in_the_sidecar() -> None:
         )
         == "0"
     )
+
+
+def test_io_binding_sends_each_requests_images_once_and_changes_nothing(
+    digits: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onnxruntime as ort
+
+    plain = MaskedClassifier(demo.DEMO_MODEL)
+    bound = MaskedClassifier(demo.DEMO_MODEL, ModelOptions(io_binding="on"))
+    assert plain.device is None and bound.device == "cpu"  # auto: on with CUDA only
+    copies = []
+    real = ort.OrtValue.ortvalue_from_numpy
+    monkeypatch.setattr(
+        ort.OrtValue,
+        "ortvalue_from_numpy",
+        lambda a, *args: copies.append(a.shape) or real(a, *args),
+    )
+    for image in digits[:3]:
+        expected, got = MpsEngine(plain).explain(image), MpsEngine(bound).explain(image)
+        np.testing.assert_array_equal(got.mps_mask, expected.mps_mask)
+        np.testing.assert_array_equal(got.responsibility, expected.responsibility)
+        assert got.model_evaluations == expected.model_evaluations
+        assert got.model_calls == expected.model_calls > 2
+    # Images and baselines bound once per MPS (2 copies each), not once per model call.
+    assert len(copies) == 3 * 2
+    np.testing.assert_array_equal(
+        bound.predict(digits[:4]).scores, plain.predict(digits[:4]).scores
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +79,11 @@ class MaskedClassifier:
         self.provider: str = self._session.get_providers()[0]
         if self.options.provider == "cuda" and self.provider != _CUDA:
             self.notes.append("CUDA was asked for but is not available: running on CPU")
+        bind = self.options.io_binding == "on" or (
+            self.options.io_binding == "auto" and self.provider == _CUDA
+        )
+        self.device: str | None = ("cuda" if self.provider == _CUDA else "cpu") if bind else None
+        self._bound = threading.local()  # per thread: the request's inputs on the device
 
     # -- public API -------------------------------------------------------------------------
 
@@ -273,11 +279,47 @@ class MaskedClassifier:
         with_scores: bool,
     ) -> tuple[np.ndarray, ...]:
         outputs = [g.TOP_CLASS, g.TOP_CONFIDENCE] + ([self.spec.output_name] if with_scores else [])
-        feeds = {g.IMAGES: images, g.BASELINES: baselines, g.MASKS: masks, g.IMAGE_INDEX: index}
-        result = _run_session(self._session, outputs, feeds)
+        if self.device is None:
+            feeds = {g.IMAGES: images, g.BASELINES: baselines, g.MASKS: masks, g.IMAGE_INDEX: index}
+            result = _run_session(self._session, outputs, feeds)
+        else:
+            result = self._run_bound(images, baselines, masks, index, outputs)
         if with_scores:
             result[2] = result[2].reshape(len(masks), -1)
         return tuple(result)
+
+    def _run_bound(
+        self,
+        images: np.ndarray,
+        baselines: np.ndarray,
+        masks: np.ndarray,
+        index: np.ndarray,
+        outputs: list[str],
+    ) -> list[np.ndarray]:
+        """``_run`` with the images and baselines bound on the device once per request: the
+        engine passes the same arrays to every call of an MPS, so only the first copies them;
+        each call then sends its masks and indices, and receives classes and confidences."""
+        held = getattr(self._bound, "inputs", None)
+        if held is None or held[0] is not images or held[1] is not baselines:
+            on_device = [
+                ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), self.device, 0)
+                for a in (images, baselines)
+            ]
+            # The arrays are kept with their device copies: identity stays meaningful (no
+            # other array can take their id) and CPU values, which share memory, stay valid.
+            held = self._bound.inputs = (images, baselines, *on_device)
+        try:
+            binding = self._session.io_binding()
+            binding.bind_ortvalue_input(g.IMAGES, held[2])
+            binding.bind_ortvalue_input(g.BASELINES, held[3])
+            binding.bind_cpu_input(g.MASKS, np.ascontiguousarray(masks))
+            binding.bind_cpu_input(g.IMAGE_INDEX, np.ascontiguousarray(index))
+            for name in outputs:
+                binding.bind_output(name, "cpu")
+            self._session.run_with_iobinding(binding)
+            return binding.copy_outputs_to_cpu()
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise ModelRuntimeError(f"onnxruntime failed to run the model: {exc}") from exc
 
 
 def _softmax(scores: np.ndarray) -> np.ndarray:
