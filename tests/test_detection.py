@@ -299,3 +299,25 @@ def test_too_few_items_get_one_clear_message() -> None:
 
     with pytest.raises(InvalidInputError, match="at least 10 items in the fit split"):
         fit_calibration(_items(np.random.default_rng(8), 6, mps_signal=0.0), n_boot=0)
+
+
+def test_evidence_names_only_the_terms_a_prediction_has() -> None:
+    from guard.verdict.scores.linear import LinearScore
+
+    score = LinearScore(
+        kind="class-confidence",
+        terms=["msp", "class=1", "class=2", "class=1*msp"],
+        means=[0.8, 0.3, 0.3, 0.25],
+        stds=[0.1, 0.45, 0.45, 0.4],
+        coefficients=[-1.0, -2.0, 1.5, -0.5],
+        intercept=0.0,
+    )
+    features = {"msp": np.array([0.5, 0.5, 0.5]), "predicted_class": np.array([1.0, 2.0, 0.0])}
+    evidence = score.contributions(features)
+    for row, predicted in zip(evidence, (1, 2, 0), strict=True):
+        named = {name.split("*")[0] for name, _ in row if name.startswith("class=")}
+        assert named <= {f"class={predicted}"}, (predicted, row)
+        assert all(value > 0 for _, value in row)
+    # Class 2's own term pushes its score up; the low MSP pushes every score up.
+    assert ("class=2", pytest.approx((1 - 0.3) / 0.45 * 1.5)) in evidence[1]
+    assert evidence[2] == [("msp", pytest.approx(3.0))]

@@ -113,8 +113,15 @@ class LinearScore(Strict):
         return 0.5 * (1.0 + np.tanh(0.5 * logit))  # the logistic function, without overflow
 
     def contributions(self, features: Features) -> list[list[tuple[str, float]]]:
-        """Per prediction, the terms that pushed its score up most (coefficient x value)."""
-        parts = self._standardised(features) * np.asarray(self.coefficients)
+        """Per prediction, the terms that pushed its score up most (coefficient x value).
+
+        Class terms of another predicted class (value 0) are left out: against the average
+        item their absence counts, but "class=657" as evidence for an espresso reads as nonsense.
+        """
+        raw = design_matrix(features, self.terms)
+        absent = (raw == 0) & np.array(["class=" in term for term in self.terms])
+        parts = (raw - np.asarray(self.means)) / np.asarray(self.stds) * self.coefficients
+        parts[absent] = -np.inf
         order = np.argsort(-parts, axis=1, kind="stable")[:, :3]
         return [
             [(self.terms[j], float(parts[i, j])) for j in row if parts[i, j] > 0]
