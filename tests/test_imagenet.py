@@ -214,3 +214,39 @@ def test_labelled_views_of_the_photos_keep_their_labels(lite0: MaskedClassifier)
     espresso = np.flatnonzero(y == names.index("espresso"))
     predicted = lite0.predict(x[espresso]).classes
     assert (predicted == names.index("espresso")).mean() >= 0.5
+
+
+def test_lite0_calibrated_and_served_end_to_end(tmp_path: Path) -> None:
+    """guard calibrate on labelled views, then a real sidecar: OIP metadata and a verdict."""
+    from typer.testing import CliRunner
+
+    from guard.cli import app
+    from guard.transport.grpc.generated.inference import grpc_predict_v2_pb2 as pb
+    from scripts.imagenet_views import views
+    from tests.serving import infer_request, inference_stub, parameters, running_sidecar
+
+    x, y = views(zooms=(256, 368))
+    np.savez(tmp_path / "views.npz", x=x, y=y)
+    calibration = tmp_path / "calibration.json"
+    result = CliRunner().invoke(
+        app,
+        ["calibrate", str(tmp_path / "views.npz"), "--model", str(imagenet.LITE0_MODEL),
+         "--preprocessing", str(imagenet.LITE0_PREPROCESSING),
+         "--classes", str(imagenet.IMAGENET_CLASSES), "--fast", "--iters", "2",
+         "--score", "msp", "--out", str(calibration)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    with running_sidecar(model=imagenet.LITE0_MODEL, calibration=calibration) as server:
+        stub = inference_stub(server)
+        meta = stub.ModelMetadata(pb.ModelMetadataRequest(name="efficientnet_lite0"))
+        assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
+            ("image", "FP32", [-1, 3, 224, 224])
+        ]
+        assert list(meta.outputs[0].shape) == [-1, 1000]
+        espresso = json.loads(imagenet.IMAGENET_CLASSES.read_text()).index("espresso")
+        coffee = x[np.flatnonzero(y == espresso)[0]]
+        response = stub.ModelInfer(infer_request("efficientnet_lite0", "image", coffee[None]))
+        p = parameters(response)
+        assert p["guard_status"] == "checked" and p["guard_predicted_class"] == espresso
+        assert 0 < p["guard_mps_area"] < 1 and 0 <= p["guard_p_value"] <= 1
+        assert isinstance(p["guard_flagged"], bool)
