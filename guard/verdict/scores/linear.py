@@ -118,10 +118,9 @@ class LinearScore(Strict):
         Class terms of another predicted class (value 0) are left out: against the average
         item their absence counts, but "class=657" as evidence for an espresso reads as nonsense.
         """
-        raw = design_matrix(features, self.terms)
-        absent = (raw == 0) & np.array(["class=" in term for term in self.terms])
-        parts = (raw - np.asarray(self.means)) / np.asarray(self.stds) * self.coefficients
-        parts[absent] = -np.inf
+        parts = self._standardised(features) * np.asarray(self.coefficients)
+        class_terms = np.array(["class=" in term for term in self.terms])
+        parts[(design_matrix(features, self.terms) == 0) & class_terms] = -np.inf
         order = np.argsort(-parts, axis=1, kind="stable")[:, :3]
         return [
             [(self.terms[j], float(parts[i, j])) for j in row if parts[i, j] > 0]
