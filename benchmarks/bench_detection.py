@@ -366,7 +366,7 @@ def false_alarm_figures(fit: FitResult, records: Sequence[ItemRecord]) -> dict[s
 
 
 def check_bar(row: dict[str, Any], alpha: float) -> dict[str, Any]:
-    """The issue's bar for one row (see the module doc)."""
+    """The bar for one row (see the module doc)."""
     low, high = row["auto_minus_msp"]["ci"]
     diff = row["auto_minus_msp"]["auroc_diff"]
     if diff is not None and diff == 0.0:

@@ -1,6 +1,6 @@
 """The fast preset (``--fast``): monotone mutant evaluation, bisected extraction, fewer runs.
 
-Bars (the issue's): at most 15% of the default's model evaluations per MPS; per-image MPS areas
+Bars: at most 15% of the default's model evaluations per MPS; per-image MPS areas
 whose Spearman agreement with the default's is at least rex-xai's agreement with itself across
 seeds (seed 0 against 1000, computed with the engine's rex stream, which reproduces rex-xai's
 MPSs); median area within 1.25x of the default's; every MPS sufficient, checked with plain
