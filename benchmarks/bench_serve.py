@@ -63,7 +63,8 @@ LITE0 = "efficientnet_lite0"
 LITE0_CONFIGS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("default", "sync", ()),
     ("fast", "sync", ()),
-    ("fast", "async", ()),
+    # A short queue: at ~1 s per check a full default queue (256) would lag minutes behind.
+    ("fast", "async", ("--queue-size", "8")),
     ("fast", "sync", ("--sample-rate", "0.25")),
 )
 DEFAULT_ENGINE = {name: EngineSettings().model_dump()[name] for name in FAST_PRESET}
@@ -96,13 +97,13 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def _settled(metrics_port: int, before: dict) -> bool:
-    """Every prediction since ``before`` has been checked or skipped."""
+def _settled(metrics_port: int, before: dict, model: str) -> bool:
+    """Every prediction of ``model`` since ``before`` has been checked or skipped."""
     now = scrape(metrics_port)
 
     def delta(name: str, **labels: str) -> float:
-        return value(now, name, 0.0, model=MODEL, **labels) - value(
-            before, name, 0.0, model=MODEL, **labels
+        return value(now, name, 0.0, model=model, **labels) - value(
+            before, name, 0.0, model=model, **labels
         )
 
     return delta("guard_predictions_total") == delta("guard_checked_predictions_total") + delta(
@@ -110,8 +111,8 @@ def _settled(metrics_port: int, before: dict) -> bool:
     )
 
 
-def _wait_settled(metrics_port: int, before: dict) -> None:
-    wait_for(lambda: _settled(metrics_port, before), timeout=300, what="background checks")
+def _wait_settled(metrics_port: int, before: dict, model: str) -> None:
+    wait_for(lambda: _settled(metrics_port, before, model), timeout=300, what="background checks")
 
 
 def drive(
@@ -189,7 +190,7 @@ def bench_config(
         running = dict(next(iter(before["guard_model_info"])))["provider"]
         warm_up = (1, len(x) * 1.0) if model_key == "lite0" else (4, 2.0)
         drive(server.port, input_name, x, *warm_up, model=model)
-        _wait_settled(server.metrics_port, before)
+        _wait_settled(server.metrics_port, before, model)
         for clients in levels:
             metrics = before = scrape(server.metrics_port)
             checked0 = value(metrics, "guard_checked_predictions_total", 0.0, model=model)
@@ -201,7 +202,7 @@ def bench_config(
             started = time.perf_counter()
             latencies, errors = drive(server.port, input_name, x, clients, duration, model)
             if mode == "async":  # checks per second include finishing what the queue accepted
-                _wait_settled(server.metrics_port, before)
+                _wait_settled(server.metrics_port, before, model)
             checking_seconds = time.perf_counter() - started
             metrics = scrape(server.metrics_port)
             checked = value(metrics, "guard_checked_predictions_total", 0.0, model=model) - checked0
