@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from guard import demo, imagenet  # noqa: E402
+from guard.service.metrics import SKIP_REASONS  # noqa: E402
 from guard.settings import FAST_PRESET, EngineSettings  # noqa: E402
 from guard.transport.grpc.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc  # noqa: E402
 from tests.serving import (  # noqa: E402
@@ -106,9 +107,8 @@ def _settled(metrics_port: int, before: dict, model: str) -> bool:
             before, name, 0.0, model=model, **labels
         )
 
-    return delta("guard_predictions_total") == delta("guard_checked_predictions_total") + delta(
-        "guard_skipped_checks_total", reason="queue_full"
-    )
+    skipped = sum(delta("guard_skipped_checks_total", reason=reason) for reason in SKIP_REASONS)
+    return delta("guard_predictions_total") == delta("guard_checked_predictions_total") + skipped
 
 
 def _wait_settled(metrics_port: int, before: dict, model: str) -> None:
