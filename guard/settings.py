@@ -83,10 +83,11 @@ class EngineSettings(BaseModel):
 
 FAST_PRESET: dict[str, Any] = {"iters": 6, "mutants": "monotone", "extraction": "bisect"}
 """``--fast``: 6 runs whose mutants are evaluated only where monotonicity does not imply their
-verdict, and a bisected extraction: at most 15% of the default's model evaluations per MPS
-(``benchmarks/bench_engine.py``). On the small models its MPS areas agree with the default's
-about as well as rex-xai agrees with itself across seeds; at 224x224 they are larger (the README
-gives the figures). Every other setting keeps its value, and the calibration records them like any others."""
+verdict, and a bisected extraction: 11-15% of the default's model evaluations per MPS on average
+(up to about 20% on single images; ``benchmarks/bench_engine.py``). On the small models its MPS
+areas rank like the default's about as well as rex-xai's do across seeds; at 224x224 they agree
+less and are larger (the README gives the figures). Every other setting keeps its value, and the
+calibration records them like any others."""
 
 
 class ModelOptions(BaseModel):
