@@ -12,11 +12,11 @@ all`` (sync mode, model-call sharing at its default, every request checked), sid
 one run, at 1 and 4 clients unless ``--clients`` says otherwise.
 
 ``--model lite0 --calibration FILE`` serves the bundled ImageNet classifier (EfficientNet-Lite0,
-224x224) with a calibration (``make imagenet-views-calibration`` makes a stand-in from views of the
-labelled photos; ``make imagenet-calibration DATA=...`` one from your labelled images) on the bundled photos, and measures
-latency with ReX's default engine settings and with ``--fast`` (sync), then ``--fast`` in async
-mode and with ``--sample-rate 0.25``, side by side, at 1 and 4 clients unless ``--clients`` says
-otherwise (each is served over the calibration with
+224x224) on the bundled photos with a calibration (``make imagenet-views-calibration`` makes a
+stand-in from views of the labelled photos, ``make imagenet-calibration DATA=...`` one from your
+labelled images), and measures latency with ReX's default engine settings and with ``--fast``
+(sync), then ``--fast`` in async mode and with ``--sample-rate 0.25``, side by side, at 1 and 4
+clients unless ``--clients`` says otherwise (each is served over the calibration with
 ``--engine-settings`` and ``--allow-engine-mismatch`` where it differs from the calibration's:
 that changes the verdicts' scores, not the work measured).
 
